@@ -1,0 +1,362 @@
+"""`GradientProbe` and the functions that find, insert and strip probes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeAlias
+
+import keras
+
+from keras_actgrad._context import current_tap
+
+LayerSelector: TypeAlias = (
+    str
+    | type
+    | Sequence[str | type]
+    | Callable[[keras.layers.Layer], bool]
+    | None
+)
+
+
+@keras.saving.register_keras_serializable(package="keras_actgrad")
+class GradientProbe(keras.layers.Layer):
+    """Marks a tensor whose loss gradient keras-actgrad measures.
+
+    An identity layer: its output is its input, bit for bit, for any shape
+    and floating dtype (it never autocasts). It has no weights and passes
+    masks through. Outside a probe pass it costs nothing: `call` returns its
+    input. During a probe pass (`activation_gradients`, or the
+    `ActivationGradientCallback`), the engine records the probe's output and
+    the gradient of the loss with respect to it: what flows back *through the
+    probe*. Uses of the same tensor that bypass the probe (a skip connection
+    reading the previous layer directly, that layer's activity regularizer)
+    are not counted.
+
+    Args:
+        name: String, the probe's name. It keys the results and the logs
+            (`actgrad/<name>/<statistic>`). Defaults to a unique
+            `gradient_probe_N`.
+        **kwargs: Base layer keyword arguments (`dtype`, ...).
+
+    Call arguments:
+        inputs: A tensor.
+
+    Returns:
+        `inputs`, unchanged.
+
+    Example:
+
+    ```python
+    inputs = keras.Input((8,))
+    h = keras.layers.Dense(16, activation="relu")(inputs)
+    h = keras_actgrad.GradientProbe(name="hidden")(h)
+    outputs = keras.layers.Dense(1)(h)
+    model = keras.Model(inputs, outputs)
+    ```
+    """
+
+    def __init__(self, name: str | None = None, **kwargs: Any) -> None:
+        kwargs["autocast"] = False
+        super().__init__(name=name, **kwargs)
+        self.supports_masking = True
+        self.built = True
+
+    def call(self, inputs: Any) -> Any:
+        tap = current_tap()
+        if tap is None:
+            return inputs
+        return tap(self, inputs)
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return input_shape
+
+    def compute_output_spec(self, inputs: Any) -> Any:
+        return keras.tree.map_structure(
+            lambda x: keras.KerasTensor(x.shape, dtype=x.dtype, sparse=x.sparse),
+            inputs,
+        )
+
+
+def _is_functional(model: Any) -> bool:
+    """True for Functional models (including functional-style subclasses)."""
+    if isinstance(model, keras.Sequential):
+        return False
+    return isinstance(model, keras.Model) and any(
+        cls.__name__ == "Functional" for cls in type(model).__mro__
+    )
+
+
+def _is_graph_model(model: Any) -> bool:
+    return isinstance(model, keras.Sequential) or _is_functional(model)
+
+
+def _sublayers(layer: Any) -> list[keras.layers.Layer]:
+    """Direct sublayers of `layer`, in the order the layer tracks them."""
+    if isinstance(layer, keras.Model) and _is_graph_model(layer):
+        return list(layer.layers)
+    found: list[keras.layers.Layer] = []
+    seen: set[int] = set()
+
+    def visit(value: Any) -> None:
+        if isinstance(value, keras.layers.Layer):
+            if id(value) not in seen and value is not layer:
+                seen.add(id(value))
+                found.append(value)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+
+    for name, value in vars(layer).items():
+        if name.startswith("_") and name not in ("_layers",):
+            continue
+        visit(value)
+    return found
+
+
+def _walk(layer: Any, seen: set[int]) -> Iterator[keras.layers.Layer]:
+    for sub in _sublayers(layer):
+        if id(sub) in seen:
+            continue
+        seen.add(id(sub))
+        yield sub
+        yield from _walk(sub, seen)
+
+
+def find_probes(model: keras.layers.Layer) -> list[GradientProbe]:
+    """Lists the `GradientProbe` layers of a model, in forward order.
+
+    Probes inside nested models and layers are included. For Sequential and
+    Functional models the order is the order of the computation graph; for
+    subclassed models it is the order in which `__init__` assigns the layers
+    (the usual forward order). The probe pass itself always reports results
+    in the order the forward pass reaches the probes.
+
+    Args:
+        model: A Keras model or layer.
+
+    Returns:
+        A list of `GradientProbe` instances, each listed once.
+    """
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(
+            "`find_probes` expects a Keras model or layer. "
+            f"Received: model={model!r} of type {type(model).__name__}."
+        )
+    return [layer for layer in _walk(model, set()) if isinstance(layer, GradientProbe)]
+
+
+def _has_weights(layer: keras.layers.Layer) -> bool:
+    return len(layer.weights) > 0
+
+
+def _selector(layers: LayerSelector, model: keras.Model) -> Callable[[Any], bool]:
+    if layers is None:
+        return lambda layer: _has_weights(layer) and not _is_graph_model(layer)
+    if callable(layers) and not isinstance(layers, type):
+        return layers  # type: ignore[return-value]
+    items = [layers] if isinstance(layers, (str, type)) else list(layers)
+    names = {item for item in items if isinstance(item, str)}
+    classes = tuple(item for item in items if isinstance(item, type))
+    bad = [item for item in items if not isinstance(item, (str, type))]
+    if bad:
+        raise ValueError(
+            "`layers` must be layer names, layer classes, or a predicate "
+            f"`layer -> bool`. Received: layers={layers!r}."
+        )
+    known = {layer.name for layer in _walk(model, set())}
+    unknown = sorted(names - known)
+    if unknown:
+        raise ValueError(
+            f"`insert_probes` found no layer named {unknown} in model "
+            f"'{model.name}'. Pass names of existing layers, layer classes, "
+            f"or a predicate. Available layer names: {sorted(known)}. "
+            f"Received: layers={layers!r}."
+        )
+    return lambda layer: layer.name in names or (
+        bool(classes) and isinstance(layer, classes)
+    )
+
+
+def _compile_like(new: keras.Model, old: keras.Model) -> keras.Model:
+    """Compiles `new` as `old` was, sharing `old`'s optimizer object."""
+    if not getattr(old, "compiled", False):
+        return new
+    holder = getattr(old, "_compile_config", None)
+    config = dict(getattr(holder, "config", {}) or {})
+    if not config:
+        new.compile_from_config(old.get_compile_config())
+        return new
+    config["optimizer"] = old.optimizer
+    new.compile(**config)
+    return new
+
+
+def _require_built(model: keras.Model, function: str) -> None:
+    if not model.built or (_is_graph_model(model) and not model.inputs):
+        raise ValueError(
+            f"`{function}` needs a built model, but model '{model.name}' has not "
+            "been built yet. Give it an input shape (`keras.Input(...)` as first "
+            "layer) or call it once on a batch of data before. "
+            f"Received: model '{model.name}' with built={model.built}."
+        )
+
+
+def _rebuild(
+    model: keras.Model,
+    replace: Callable[[keras.layers.Layer], keras.layers.Layer],
+    skip: Callable[[keras.layers.Layer], bool],
+    after: Callable[[keras.layers.Layer], GradientProbe | None],
+) -> keras.Model:
+    """Rebuilds a Sequential or Functional model with the same layer objects.
+
+    `replace(layer)` returns the layer to use in place of `layer` (itself, or
+    a rebuilt nested model); `skip(layer)` drops the layer (its input passes
+    through); `after(layer)` returns a probe to call right after `layer`.
+    """
+    cache: dict[int, keras.layers.Layer] = {}
+
+    def replaced(layer: keras.layers.Layer) -> keras.layers.Layer:
+        if id(layer) not in cache:
+            cache[id(layer)] = replace(layer)
+        return cache[id(layer)]
+
+    if isinstance(model, keras.Sequential):
+        new_layers: list[keras.layers.Layer] = []
+        for layer in model.layers:
+            if skip(layer):
+                continue
+            new_layer = replaced(layer)
+            new_layers.append(new_layer)
+            probe = after(new_layer)
+            if probe is not None:
+                new_layers.append(probe)
+        spec = model.inputs[0]
+        inputs = keras.Input(batch_shape=spec.shape, dtype=spec.dtype)
+        return keras.Sequential([inputs, *new_layers], name=model.name)
+
+    def call_function(layer: keras.layers.Layer, *args: Any, **kwargs: Any) -> Any:
+        if skip(layer):
+            return args[0]
+        outputs = layer(*args, **kwargs)
+        probe = after(layer)
+        return outputs if probe is None else probe(outputs)
+
+    new = keras.models.clone_model(
+        model, clone_function=replaced, call_function=call_function
+    )
+    # Keras names outputs after their layers; keep the original names so
+    # dict-keyed losses, metrics and `y` keep working.
+    new.output_names = list(model.output_names)
+    return new
+
+
+def insert_probes(model: keras.Model, layers: LayerSelector = None) -> keras.Model:
+    """Returns `model` with a `GradientProbe` after selected layers.
+
+    The new model shares the original's layer objects (same weights, no copy)
+    and is compiled as the original was, with the same optimizer, so `fit`
+    works right away. Nested Sequential and Functional models are rebuilt
+    with probes inside them. Each probe is named `<layer name>_probe`.
+
+    Args:
+        model: A built Sequential or Functional model.
+        layers: Which layers get a probe after them: a layer name, a layer
+            class, a list of names and classes, or a predicate
+            `layer -> bool`. Defaults to every layer that has weights.
+
+    Returns:
+        A new `keras.Model` with probes.
+
+    Raises:
+        ValueError: for a subclassed model (place `GradientProbe` in `call()`
+            yourself), an unbuilt model, or an unknown layer name.
+
+    Example:
+
+    ```python
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    probed = keras_actgrad.insert_probes(model)
+    [p.name for p in keras_actgrad.find_probes(probed)]  # ['dense_probe']
+    ```
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            "`insert_probes` expects a `keras.Model`. "
+            f"Received: model={model!r} of type {type(model).__name__}."
+        )
+    if not _is_graph_model(model):
+        raise ValueError(
+            f"`insert_probes` cannot rewrite the subclassed model '{model.name}': "
+            "its forward pass is Python code, not a graph of layers. Place "
+            "`keras_actgrad.GradientProbe` layers yourself: create them in "
+            "`__init__` (e.g. `self.hidden_probe = GradientProbe(name='hidden')`) "
+            "and call them on the tensors to measure in `call()` (e.g. "
+            "`x = self.hidden_probe(x)`). "
+            f"Received: model of type {type(model).__name__}."
+        )
+    _require_built(model, "insert_probes")
+    select = _selector(layers, model)
+    used = {layer.name for layer in _walk(model, set())}
+
+    def probe_name(layer: keras.layers.Layer) -> str:
+        name = f"{layer.name}_probe"
+        counter = 1
+        while name in used:
+            counter += 1
+            name = f"{layer.name}_probe_{counter}"
+        used.add(name)
+        return name
+
+    def insert(current: keras.Model) -> keras.Model:
+        def replace(layer: keras.layers.Layer) -> keras.layers.Layer:
+            return insert(layer) if _is_graph_model(layer) else layer
+
+        def after(layer: keras.layers.Layer) -> GradientProbe | None:
+            if isinstance(layer, (GradientProbe, keras.layers.InputLayer)):
+                return None
+            if not select(layer):
+                return None
+            return GradientProbe(name=probe_name(layer))
+
+        return _rebuild(current, replace, lambda layer: False, after)
+
+    return _compile_like(insert(model), model)
+
+
+def strip_probes(model: keras.Model) -> keras.Model:
+    """Returns `model` without its `GradientProbe` layers.
+
+    The inverse of `insert_probes`: same layer objects, same predictions,
+    compiled as the original was. Nested Sequential and Functional models are
+    stripped too.
+
+    Args:
+        model: A built Sequential or Functional model.
+
+    Returns:
+        A new `keras.Model` without probes.
+    """
+    if not isinstance(model, keras.Model) or not _is_graph_model(model):
+        raise ValueError(
+            "`strip_probes` rewrites Sequential and Functional models only. For "
+            "a subclassed model, remove the `GradientProbe` calls from `call()` "
+            "(they are identities and cost nothing outside a probe pass, so "
+            f"leaving them is fine). Received: model of type {type(model).__name__}."
+        )
+    _require_built(model, "strip_probes")
+
+    def strip(current: keras.Model) -> keras.Model:
+        def replace(layer: keras.layers.Layer) -> keras.layers.Layer:
+            return strip(layer) if _is_graph_model(layer) else layer
+
+        return _rebuild(
+            current,
+            replace,
+            lambda layer: isinstance(layer, GradientProbe),
+            lambda layer: None,
+        )
+
+    return _compile_like(strip(model), model)
