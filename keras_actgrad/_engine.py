@@ -350,13 +350,13 @@ def _adapter() -> Adapter:
 
         return TensorFlowAdapter()
     if backend == "jax":
-        from keras_actgrad._backend_jax import JaxAdapter  # type: ignore[import-not-found]
+        from keras_actgrad._backend_jax import JaxAdapter
 
-        return JaxAdapter()  # type: ignore[no-any-return]
+        return JaxAdapter()
     if backend == "torch":
-        from keras_actgrad._backend_torch import TorchAdapter  # type: ignore[import-not-found]
+        from keras_actgrad._backend_torch import TorchAdapter
 
-        return TorchAdapter()  # type: ignore[no-any-return]
+        return TorchAdapter()
     raise NotImplementedError(
         f"keras-actgrad supports the 'tensorflow', 'jax' and 'torch' Keras "
         f"backends. Received: KERAS_BACKEND='{backend}'."

@@ -1,0 +1,249 @@
+"""The JAX adapter: the only module of the engine that imports JAX.
+
+JAX differentiates functions, not tensors, so each probe adds a zero
+perturbation to its output during the probe pass, and the gradient of the
+loss with respect to that perturbation is d loss / d (probe output): it flows
+back only through the probe's consumers, so uses of the probe's input that
+bypass it are not counted, as on TensorFlow. The pass is a pure function of
+(trainable values, non-trainable values, perturbations, data), run inside a
+`keras.StatelessScope` that maps every model variable to its value, and
+compiled with `jax.jit`, which retraces only for a new input signature.
+
+At trace time, a first abstract pass (`jax.eval_shape`) records the probes'
+shapes so the perturbations can be built. JAX returns zeros, not `None`, for
+an input the output does not depend on; to report `None` where a probe (or a
+weight) is not connected to the loss, as TensorFlow does, the backward pass
+is traced once into a jaxpr with the output cotangent as an input, and a
+gradient that does not depend on that cotangent is structurally zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.extend.core as jax_core
+import jax.numpy as jnp
+import keras
+import numpy as np
+
+from keras_actgrad._engine import LossFn, PassConfig, Tapped, forward
+
+
+def _is_float(tensor: Any) -> bool:
+    dtype = getattr(tensor, "dtype", None)
+    return dtype is not None and bool(jnp.issubdtype(dtype, jnp.floating))
+
+
+def _subjaxpr(eqn: Any) -> Any:
+    """The one inner jaxpr an equation applies to its operands, if any."""
+    found = []
+    for value in eqn.params.values():
+        inner = getattr(value, "jaxpr", value)
+        if isinstance(inner, jax_core.Jaxpr):
+            found.append(inner)
+    if len(found) == 1:
+        inner = found[0]
+        if len(inner.invars) == len(eqn.invars) and len(inner.outvars) == len(
+            eqn.outvars
+        ):
+            return inner
+    return None
+
+
+def _depends(jaxpr: Any, marked: list[bool]) -> list[bool]:
+    """Which outputs of `jaxpr` depend on the inputs flagged in `marked`.
+
+    Forward propagation over the equations, exact through inner jaxprs that
+    map operands one to one (jit, custom_jvp), conservative otherwise (every
+    output of an equation depends on it if any operand does).
+    """
+    tainted = {var for var, flag in zip(jaxpr.invars, marked, strict=True) if flag}
+    for eqn in jaxpr.eqns:
+        flags = [isinstance(var, jax_core.Var) and var in tainted for var in eqn.invars]
+        if not any(flags):
+            continue
+        inner = _subjaxpr(eqn)
+        out_flags = (
+            _depends(inner, flags) if inner is not None else [True] * len(eqn.outvars)
+        )
+        tainted.update(
+            var for var, flag in zip(eqn.outvars, out_flags, strict=True) if flag
+        )
+    return [isinstance(var, jax_core.Var) and var in tainted for var in jaxpr.outvars]
+
+
+def _distribute(data: Any) -> Any:
+    """Shards the batch along its first axis under a `keras.distribution`."""
+    distribution = keras.distribution.distribution()
+    if distribution is None or data is None:
+        return data
+
+    def shard(leaf: Any) -> Any:
+        shape = getattr(leaf, "shape", None)
+        if not shape:
+            return leaf
+        layout = distribution.get_data_layout(tuple(shape))
+        try:
+            return keras.distribution.distribute_tensor(leaf, layout)
+        except ValueError:  # batch not divisible by the devices: replicate
+            return leaf
+
+    return keras.tree.map_structure(shard, data)
+
+
+class JaxAdapter:
+    """Builds the probe pass as one `jax.jit` function."""
+
+    def compile(
+        self,
+        model: keras.Model,
+        loss_fn: LossFn,
+        config: PassConfig,
+        on_trace: Callable[[list[Tapped]], None],
+    ) -> Callable[[Any, Any, Any], Any]:
+        def run(
+            trainable: list[Any],
+            non_trainable: list[Any],
+            perturbations: list[Any] | None,
+            x: Any,
+            y: Any,
+            sample_weight: Any,
+            record: list[tuple[str, Any, bool]],
+        ) -> tuple[Any, dict[str, Any]]:
+            """The loss of the probe pass; fills `record` with what it tapped."""
+            calls: dict[str, int] = {}
+            activations: dict[str, Any] = {}
+            remaining = iter(perturbations or [])
+
+            def tap(probe: Any, tensor: Any) -> Any:
+                count = calls.get(probe.name, 0)
+                calls[probe.name] = count + 1
+                name = probe.name if count == 0 else f"{probe.name}@{count}"
+                differentiable = _is_float(tensor)
+                spec = jax.ShapeDtypeStruct(tensor.shape, tensor.dtype)  # type: ignore[no-untyped-call]
+                record.append((name, spec, differentiable))
+                if differentiable and perturbations is not None:
+                    tensor = tensor + next(remaining)
+                activations[name] = tensor
+                return tensor
+
+            mapping = list(
+                zip(model.trainable_variables, trainable, strict=True)
+            ) + list(zip(model.non_trainable_variables, non_trainable, strict=True))
+            with keras.StatelessScope(state_mapping=mapping, collect_losses=True):
+                y_pred = forward(model, x, config.training, tap)
+                loss = jnp.asarray(
+                    loss_fn(x, y, y_pred, sample_weight), dtype=jnp.float32
+                )
+            return loss, activations
+
+        def step(
+            trainable: list[Any],
+            non_trainable: list[Any],
+            x: Any,
+            y: Any,
+            sample_weight: Any,
+        ) -> Any:
+            # 1. An abstract pass gives the probes' shapes (trace time only).
+            record: list[tuple[str, Any, bool]] = []
+            jax.eval_shape(
+                lambda t, n, x, y, w: run(t, n, None, x, y, w, record),
+                trainable,
+                non_trainable,
+                x,
+                y,
+                sample_weight,
+            )
+            specs = [spec for _, spec, ok in record if ok]
+            perturbations = [jnp.zeros(spec.shape, spec.dtype) for spec in specs]
+
+            # 2. Forward and backward, traced once into a jaxpr whose inputs
+            # include the output cotangent, so connectivity can be read off.
+            def full(
+                trainable: list[Any],
+                perturbations: list[Any],
+                non_trainable: list[Any],
+                x: Any,
+                y: Any,
+                sample_weight: Any,
+                cotangent: Any,
+            ) -> Any:
+                def loss_of(trainable: list[Any], perturbations: list[Any]) -> Any:
+                    return run(
+                        trainable, non_trainable, perturbations, x, y, sample_weight, []
+                    )
+
+                if config.weight_gradients:
+                    loss, pullback, activations = jax.vjp(
+                        loss_of, trainable, perturbations, has_aux=True
+                    )
+                    weight_grads, probe_grads = pullback(cotangent)
+                else:
+                    loss, pullback, activations = jax.vjp(
+                        lambda p: loss_of(trainable, p), perturbations, has_aux=True
+                    )
+                    (probe_grads,) = pullback(cotangent)
+                    weight_grads = []
+                return loss, activations, probe_grads, weight_grads
+
+            args = (
+                trainable,
+                perturbations,
+                non_trainable,
+                x,
+                y,
+                sample_weight,
+                jnp.ones((), jnp.float32),
+            )
+            closed, out_shape = jax.make_jaxpr(full, return_shape=True)(*args)
+            flat_args = jax.tree_util.tree_leaves(args)
+            marked = [False] * (len(flat_args) - 1) + [True]
+            connected_flat = _depends(closed.jaxpr, marked)
+            flat_out = jax_core.jaxpr_as_fun(closed)(*flat_args)
+            out_tree = jax.tree_util.tree_structure(out_shape)
+            loss, activations, probe_grads, weight_grads = jax.tree_util.tree_unflatten(
+                out_tree, flat_out
+            )
+            connected = jax.tree_util.tree_unflatten(out_tree, connected_flat)
+            _, _, probe_connected, weight_connected = connected
+
+            tapped: list[Tapped] = []
+            gradients: dict[str, Any] = {}
+            index = 0
+            for name, _, differentiable in record:
+                gradient = None
+                if differentiable:
+                    if probe_connected[index]:
+                        gradient = probe_grads[index]
+                    index += 1
+                gradients[name] = gradient
+                tapped.append(Tapped(name, activations[name], differentiable))
+            on_trace(tapped)
+            variables = model.trainable_variables if config.weight_gradients else []
+            weight_gradients = {
+                variable.path: (gradient if ok else None)
+                for variable, gradient, ok in zip(
+                    variables, weight_grads, weight_connected, strict=True
+                )
+            }
+            return config.reducer(activations, gradients, weight_gradients, loss)
+
+        jitted = jax.jit(step)
+
+        def function(x: Any, y: Any, sample_weight: Any) -> Any:
+            trainable = [v.value for v in model.trainable_variables]
+            non_trainable = [v.value for v in model.non_trainable_variables]
+            return jitted(
+                trainable,
+                non_trainable,
+                _distribute(x),
+                _distribute(y),
+                _distribute(sample_weight),
+            )
+
+        return function
+
+    def to_numpy(self, value: Any) -> np.ndarray:
+        return np.asarray(value)

@@ -1,0 +1,123 @@
+"""The PyTorch adapter: the only module of the engine that imports torch.
+
+Each probe output is made a fresh autograd node (`view_as`), and
+`torch.autograd.grad` takes the gradient of the loss with respect to these
+nodes: it flows back only through the probe's consumers, so uses of the
+probe's input that bypass it are not counted, as on TensorFlow. A probe whose
+input does not require grad (nothing upstream has trainable weights) sees a
+detached copy that does. `allow_unused=True` reports `None` for a probe not
+connected to the loss.
+
+The pass runs eagerly (no `torch.compile`): Keras layers recompile poorly
+under TorchDynamo, and a probe pass is one forward and one backward, the
+same work as a training step. Nothing outlives the call: the reducer sees
+detached tensors and runs under `torch.no_grad()`, so no autograd graph, and
+no tensor of it, is kept. Parameters' `.grad` are never touched.
+
+There is no trace in eager mode; to keep `trace_count` meaning the same on
+every backend, `on_trace` fires once per new input signature (shapes and
+dtypes of the batch) or when the probes reached change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import numpy as np
+import torch
+
+from keras_actgrad._engine import LossFn, PassConfig, Tapped, forward
+
+
+def _is_float(tensor: Any) -> bool:
+    return isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
+
+
+def _signature(data: Any) -> Any:
+    return tuple(
+        (tuple(getattr(leaf, "shape", ())), str(getattr(leaf, "dtype", type(leaf))))
+        for leaf in keras.tree.flatten(data)
+    )
+
+
+def _detach(value: Any) -> Any:
+    return value.detach() if isinstance(value, torch.Tensor) else value
+
+
+class TorchAdapter:
+    """Runs the probe pass eagerly with `torch.autograd.grad`."""
+
+    def compile(
+        self,
+        model: keras.Model,
+        loss_fn: LossFn,
+        config: PassConfig,
+        on_trace: Callable[[list[Tapped]], None],
+    ) -> Callable[[Any, Any, Any], Any]:
+        seen: set[Any] = set()
+        last_probes: list[tuple[str, bool]] = []
+
+        def step(x: Any, y: Any, sample_weight: Any) -> Any:
+            tapped: list[Tapped] = []
+            calls: dict[str, int] = {}
+
+            def tap(probe: Any, tensor: Any) -> Any:
+                count = calls.get(probe.name, 0)
+                calls[probe.name] = count + 1
+                name = probe.name if count == 0 else f"{probe.name}@{count}"
+                if not _is_float(tensor):
+                    tapped.append(Tapped(name, tensor, False))
+                    return tensor
+                if tensor.requires_grad:
+                    output = tensor.view_as(tensor)
+                else:
+                    output = tensor.detach().requires_grad_()
+                tapped.append(Tapped(name, output, True, output))
+                return output
+
+            with torch.enable_grad():
+                with keras.StatelessScope(collect_losses=True):
+                    y_pred = forward(model, x, config.training, tap)
+                    loss = loss_fn(x, y, y_pred, sample_weight)
+                    loss = keras.ops.cast(loss, "float32")
+                handles = [t.handle for t in tapped if t.differentiable]
+                variables = (
+                    list(model.trainable_variables) if config.weight_gradients else []
+                )
+                values = [v.value for v in variables]
+                inputs = handles + [v for v in values if v.requires_grad]
+                if inputs and loss.requires_grad:
+                    found = torch.autograd.grad(loss, inputs, allow_unused=True)
+                else:
+                    found = (None,) * len(inputs)  # type: ignore[assignment]
+            del y_pred
+
+            probes = [(t.name, t.differentiable) for t in tapped]
+            key = (_signature((x, y, sample_weight)), tuple(probes))
+            if key not in seen or probes != last_probes:
+                seen.add(key)
+                last_probes[:] = probes
+                on_trace(tapped)
+
+            probe_grads = iter(found[: len(handles)])
+            gradients = {
+                t.name: next(probe_grads) if t.differentiable else None for t in tapped
+            }
+            weight_found = iter(found[len(handles) :])
+            weight_gradients = {
+                v.path: next(weight_found) if value.requires_grad else None
+                for v, value in zip(variables, values, strict=True)
+            }
+            activations = {t.name: _detach(t.activation) for t in tapped}
+            loss = loss.detach()
+            with torch.no_grad():
+                return config.reducer(activations, gradients, weight_gradients, loss)
+
+        return step
+
+    def to_numpy(self, value: Any) -> np.ndarray:
+        if isinstance(value, torch.Tensor):
+            return np.asarray(value.detach().cpu().numpy())
+        return np.asarray(value)
