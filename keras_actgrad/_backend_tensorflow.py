@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_actgrad._engine import LossFn, PassConfig, Tapped, forward
+from keras_actgrad._engine import LossFn, PassConfig, Tapped, forward, probe_scope
 
 
 def _is_float(tensor: Any) -> bool:
@@ -52,12 +52,14 @@ class TensorFlowAdapter:
             with tf.GradientTape(
                 watch_accessed_variables=config.weight_gradients
             ) as tape:
-                with keras.StatelessScope(collect_losses=True):
+                with probe_scope(model):
                     y_pred = forward(model, x, config.training, tap)
                     loss = tf.cast(loss_fn(x, y, y_pred, sample_weight), tf.float32)
             on_trace(tapped)
             handles = [t.handle for t in tapped if t.differentiable]
-            variables = list(model.trainable_variables) if config.weight_gradients else []
+            variables = (
+                list(model.trainable_variables) if config.weight_gradients else []
+            )
             grads = tape.gradient(
                 loss,
                 handles + variables,
@@ -69,11 +71,12 @@ class TensorFlowAdapter:
             }
             activations = {t.name: t.activation for t in tapped}
             weight_gradients = {
-                v.path: g for v, g in zip(variables, grads[len(handles) :])
+                v.path: g for v, g in zip(variables, grads[len(handles) :], strict=True)
             }
             return config.reducer(activations, gradients, weight_gradients, loss)
 
-        return tf.function(step)
+        compiled: Callable[[Any, Any, Any], Any] = tf.function(step)
+        return compiled
 
     def to_numpy(self, value: Any) -> np.ndarray:
         if hasattr(value, "numpy"):

@@ -109,8 +109,12 @@ class PassConfig:
 
     @property
     def key(self) -> Hashable:
-        return (_loss_key(self.loss), self.training, self.weight_gradients,
-                self.reducer.key)
+        return (
+            _loss_key(self.loss),
+            self.training,
+            self.weight_gradients,
+            self.reducer.key,
+        )
 
 
 def _loss_key(loss: LossSpec) -> Hashable:
@@ -132,7 +136,10 @@ def resolve_loss(model: keras.Model, loss: LossSpec, training: bool) -> LossFn:
         def model_loss(x: Any, y: Any, y_pred: Any, sample_weight: Any) -> Tensor:
             if with_training:
                 return model.compute_loss(
-                    x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                    x=x,
+                    y=y,
+                    y_pred=y_pred,
+                    sample_weight=sample_weight,
                     training=training,
                 )
             return model.compute_loss(
@@ -261,13 +268,14 @@ def check_inputs(model: keras.Model, x: Any) -> None:
             f"holds {len(leaves)} array(s). Expected inputs of shapes "
             f"{[tuple(s.shape) for s in specs]}. Received: x={describe(x)}."
         )
-    for spec, leaf in zip(specs, leaves):
+    for spec, leaf in zip(specs, leaves, strict=True):
         shape = _shape(leaf)
         expected = tuple(spec.shape)
         if shape is None:
             continue
         if len(shape) != len(expected) or any(
-            e is not None and e != s for e, s in zip(expected[1:], shape[1:])
+            e is not None and e != s
+            for e, s in zip(expected[1:], shape[1:], strict=True)
         ):
             raise ValueError(
                 f"The probe batch does not fit model '{model.name}': input "
@@ -336,7 +344,10 @@ class Adapter(Protocol):
     """What a backend provides to the engine."""
 
     def compile(
-        self, model: keras.Model, loss_fn: LossFn, config: PassConfig,
+        self,
+        model: keras.Model,
+        loss_fn: LossFn,
+        config: PassConfig,
         on_trace: Callable[[list[Tapped]], None],
     ) -> Callable[[Any, Any, Any], Any]: ...
 
@@ -363,7 +374,26 @@ def _adapter() -> Adapter:
     )
 
 
-def forward(model: keras.Model, x: Any, training: bool, tap: Callable[[Any, Any], Any]) -> Any:
+def probe_scope(model: keras.Model) -> keras.StatelessScope:
+    """The scope a probe pass runs in (enter it inside the traced function).
+
+    It collects `add_loss` losses and drops every state update. Keras reads a
+    regularized weight from the scope's state mapping when it computes
+    regularization losses in a stateless scope, so those weights are mapped
+    to their current values (without this, `compute_loss` fails on models
+    with a `kernel_regularizer`).
+    """
+    regularized = [
+        (variable, variable)
+        for variable in model.trainable_weights
+        if variable.regularizer is not None
+    ]
+    return keras.StatelessScope(state_mapping=regularized, collect_losses=True)
+
+
+def forward(
+    model: keras.Model, x: Any, training: bool, tap: Callable[[Any, Any], Any]
+) -> Any:
     """The model's forward pass with probes tapped (call inside a scope)."""
     with tapping(tap):
         return model(x, training=training)
@@ -523,7 +553,9 @@ def activation_gradients(
     """
     engine = get_engine(model)
     config = PassConfig(
-        loss=loss, training=bool(training), weight_gradients=False,
+        loss=loss,
+        training=bool(training),
+        weight_gradients=False,
         reducer=FullReducer(),
     )
     out = engine.run(x, y, sample_weight, config)

@@ -10,11 +10,7 @@ import keras
 from keras_actgrad._context import current_tap
 
 LayerSelector: TypeAlias = (
-    str
-    | type
-    | Sequence[str | type]
-    | Callable[[keras.layers.Layer], bool]
-    | None
+    str | type | Sequence[str | type] | Callable[[keras.layers.Layer], bool] | None
 )
 
 
@@ -156,7 +152,7 @@ def _selector(layers: LayerSelector, model: keras.Model) -> Callable[[Any], bool
     if layers is None:
         return lambda layer: _has_weights(layer) and not _is_graph_model(layer)
     if callable(layers) and not isinstance(layers, type):
-        return layers  # type: ignore[return-value]
+        return layers
     items = [layers] if isinstance(layers, (str, type)) else list(layers)
     names = {item for item in items if isinstance(item, str)}
     classes = tuple(item for item in items if isinstance(item, type))
@@ -175,8 +171,8 @@ def _selector(layers: LayerSelector, model: keras.Model) -> Callable[[Any], bool
             f"or a predicate. Available layer names: {sorted(known)}. "
             f"Received: layers={layers!r}."
         )
-    return lambda layer: layer.name in names or (
-        bool(classes) and isinstance(layer, classes)
+    return lambda layer: (
+        layer.name in names or (bool(classes) and isinstance(layer, classes))
     )
 
 
