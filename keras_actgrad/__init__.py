@@ -2,15 +2,18 @@
 
 from keras_actgrad._engine import ActivationGradient, activation_gradients
 from keras_actgrad._probe import GradientProbe, find_probes, insert_probes, strip_probes
+from keras_actgrad._report import Report, load_report
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ActivationGradient",
     "GradientProbe",
+    "Report",
     "activation_gradients",
     "find_probes",
     "insert_probes",
+    "load_report",
     "strip_probes",
     "__version__",
 ]

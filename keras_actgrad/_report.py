@@ -1,0 +1,418 @@
+"""Reading the callback's event files back: the report's table and heatmap.
+
+`ActivationGradientCallback(log_dir=...)` writes its events into
+`<log_dir>/actgrad/`: one scalar per probe and statistic at every probed
+epoch (tag `actgrad/<probe>/<statistic>`, step = 0-based epoch), and the
+probes' forward order as the text summary `actgrad/probe_order`. This module
+reads them with TensorBoard's own reader and turns them into a table (the
+`keras-actgrad report` command) and a probes x epochs heatmap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+EVENTS_SUBDIR = "actgrad"
+PROBE_ORDER_TAG = "actgrad/probe_order"
+
+# Alert thresholds, shared with the callback's alert defaults. A probe's
+# `grad_norm` is compared with the `grad_norm` of the last probe in forward
+# order (the one nearest the loss): the callback compares the first probe
+# with the last one, so it alerts exactly when the report's first row does.
+VANISHING_RATIO = 1e-4
+EXPLODING_RATIO = 1e4
+# A probe is flagged for dead units when at least this fraction of its units
+# (last axis) is zero for every example of the probe batch.
+DEAD_UNIT_FRACTION = 0.5
+
+_PREFIXES = ("actgrad/", "actgrad_start/", "actgrad_batch/", "actgrad_weights/")
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """The per-probe statistics a run's `ActivationGradientCallback` logged.
+
+    Attributes:
+        log_dir: The directory the events were read from.
+        probes: Probe names in forward order (input side first).
+        epochs: The probed epochs (0-based, as Keras counts them), sorted.
+        values: `values[statistic][probe][epoch]`, the logged value.
+        start: `start[statistic][probe]`, the `probe_at_start` values (empty
+            when the callback did not probe before training).
+    """
+
+    log_dir: str
+    probes: list[str]
+    epochs: list[int]
+    values: dict[str, dict[str, dict[int, float]]]
+    start: dict[str, dict[str, float]]
+
+    @property
+    def statistics(self) -> list[str]:
+        """The statistics present in the events, sorted."""
+        return sorted(self.values)
+
+    def matrix(self, statistic: str = "grad_norm") -> np.ndarray:
+        """A `(len(probes), len(epochs))` float array; NaN where not logged."""
+        per_probe = self._statistic(statistic)
+        out = np.full((len(self.probes), len(self.epochs)), np.nan)
+        for i, probe in enumerate(self.probes):
+            for j, epoch in enumerate(self.epochs):
+                out[i, j] = per_probe.get(probe, {}).get(epoch, np.nan)
+        return out
+
+    def alerts(
+        self,
+        vanishing: float = VANISHING_RATIO,
+        exploding: float = EXPLODING_RATIO,
+        dead_units: float = DEAD_UNIT_FRACTION,
+    ) -> dict[str, list[str]]:
+        """Alerts per probe (in forward order), each a short phrase.
+
+        - `non-finite`: a NaN or Inf gradient entry (the `nonfinite` count
+          is positive, or `grad_norm` itself is not finite).
+        - `vanishing`: `grad_norm` below `vanishing` times the `grad_norm`
+          of the last probe (nearest the loss) at the same epoch.
+        - `exploding`: `grad_norm` above `exploding` times the last probe's.
+        - `dead units`: `dead_unit_fraction >= dead_units`.
+
+        Each alert names the first epoch where it holds.
+        """
+        norms = self.values.get("grad_norm", {})
+        counts = self.values.get("nonfinite", {})
+        dead = self.values.get("dead_unit_fraction", {})
+        reference = norms.get(self.probes[-1], {}) if self.probes else {}
+        out: dict[str, list[str]] = {}
+        for probe in self.probes:
+            first: dict[str, int] = {}
+            for epoch in self.epochs:
+                norm = norms.get(probe, {}).get(epoch, math.nan)
+                ref = reference.get(epoch, math.nan)
+                ratio = norm / ref if ref > 0 and math.isfinite(ref) else math.nan
+                conditions = {
+                    "non-finite": counts.get(probe, {}).get(epoch, 0.0) > 0
+                    or math.isinf(norm)
+                    or (math.isnan(norm) and epoch in norms.get(probe, {})),
+                    "vanishing": ratio < vanishing,
+                    "exploding": ratio > exploding,
+                    "dead units": dead.get(probe, {}).get(epoch, 0.0) >= dead_units,
+                }
+                for name, holds in conditions.items():
+                    if holds:
+                        first.setdefault(name, epoch)
+            out[probe] = [f"{name} (epoch {epoch})" for name, epoch in first.items()]
+        return out
+
+    def table(
+        self,
+        statistic: str = "grad_norm",
+        vanishing: float = VANISHING_RATIO,
+        exploding: float = EXPLODING_RATIO,
+        dead_units: float = DEAD_UNIT_FRACTION,
+    ) -> str:
+        """The report as a text table: one row per probe, in forward order.
+
+        Columns: the probe, `statistic` at the `probe_at_start` event (when
+        there is one), at the first and at the last probed epoch, the trend
+        (last / first, with an arrow), and the alerts (see `alerts`).
+        """
+        per_probe = self._statistic(statistic)
+        first_epoch, last_epoch = self.epochs[0], self.epochs[-1]
+        alerts = self.alerts(vanishing, exploding, dead_units)
+        starts = self.start.get(statistic, {})
+        header = ["probe"]
+        if starts:
+            header.append("start")
+        header += [f"epoch {first_epoch}", f"epoch {last_epoch}", "trend", "alerts"]
+        rows = [header]
+        for probe in self.probes:
+            series = per_probe.get(probe, {})
+            first = series.get(first_epoch, math.nan)
+            last = series.get(last_epoch, math.nan)
+            row = [probe]
+            if starts:
+                row.append(_number(starts.get(probe, math.nan)))
+            row += [
+                _number(first),
+                _number(last),
+                _trend(first, last),
+                ", ".join(alerts[probe]) or "-",
+            ]
+            rows.append(row)
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        numeric = range(1, len(header) - 1)
+        lines = []
+        for row in rows:
+            cells = [
+                cell.rjust(width) if i in numeric else cell.ljust(width)
+                for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+            ]
+            lines.append("  ".join(cells).rstrip())
+        lines.insert(1, "  ".join("-" * width for width in widths))
+        title = (
+            f"{statistic} per probe (forward order), epochs {first_epoch}-"
+            f"{last_epoch}, {len(self.epochs)} probed; log dir: {self.log_dir}"
+        )
+        return "\n".join([title, *lines])
+
+    def plot(self, path: str, statistic: str = "grad_norm") -> None:
+        """Saves a probes x epochs heatmap of `statistic` (log colour) as PNG."""
+        plot_heatmap(self, path, statistic)
+
+    def _statistic(self, statistic: str) -> dict[str, dict[int, float]]:
+        if statistic not in self.values:
+            raise ValueError(
+                f"The events in '{self.log_dir}' have no statistic "
+                f"'{statistic}'. Pass one of the logged statistics "
+                f"{self.statistics}. Received: statistic='{statistic}'."
+            )
+        return self.values[statistic]
+
+
+def _number(value: float, digits: int = 3) -> str:
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return f"{value:.{digits}g}"
+
+
+def _trend(first: float, last: float) -> str:
+    if not (math.isfinite(first) and math.isfinite(last)):
+        return "?"
+    if first == 0:
+        return "\u2192 x1" if last == 0 else "\u2191 from 0"
+    ratio = last / first
+    arrow = "\u2192" if 0.9 <= ratio <= 1.1 else ("\u2191" if ratio > 1 else "\u2193")
+    return f"{arrow} x{ratio:.3g}"
+
+
+def _events_dir(log_dir: str) -> str:
+    if not os.path.isdir(log_dir):
+        raise FileNotFoundError(
+            f"Log directory '{log_dir}' does not exist. Pass the `log_dir` given "
+            f"to `ActivationGradientCallback`. Received: log_dir='{log_dir}'."
+        )
+    sub = os.path.join(log_dir, EVENTS_SUBDIR)
+    if os.path.isdir(sub):
+        return sub
+    return log_dir  # the `actgrad/` directory itself
+
+
+def _has_events(path: str) -> bool:
+    return any(
+        "tfevents" in name
+        for name in os.listdir(path)
+        if os.path.isfile(os.path.join(path, name))
+    )
+
+
+def load_report(log_dir: str) -> Report:
+    """Reads what `ActivationGradientCallback(log_dir=...)` logged.
+
+    Uses TensorBoard's own event reader on `<log_dir>/actgrad/` (or on
+    `log_dir` itself, if it is that directory).
+
+    Args:
+        log_dir: The callback's `log_dir`.
+
+    Returns:
+        A `Report`. `print(report.table())` prints the per-probe table,
+        `report.plot("report.png")` saves the heatmap.
+
+    Raises:
+        FileNotFoundError: if `log_dir` does not exist.
+        ValueError: if it holds no keras-actgrad epoch events.
+
+    Example:
+
+    ```python
+    report = keras_actgrad.load_report("logs/run1")
+    print(report.table())
+    ```
+    """
+    path = _events_dir(log_dir)
+    if not _has_events(path):
+        raise ValueError(
+            f"No keras-actgrad events in '{log_dir}': expected TensorBoard event "
+            f"files in '{os.path.join(log_dir, EVENTS_SUBDIR)}', written by "
+            "`ActivationGradientCallback(log_dir=...)` during `fit`. "
+            f"Received: log_dir='{log_dir}' with contents "
+            f"{sorted(os.listdir(log_dir))[:10]}."
+        )
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.util import tensor_util
+
+    accumulator = event_accumulator.EventAccumulator(
+        path,
+        size_guidance={
+            event_accumulator.SCALARS: 0,
+            event_accumulator.TENSORS: 0,
+            event_accumulator.HISTOGRAMS: 1,
+            event_accumulator.IMAGES: 1,
+            event_accumulator.COMPRESSED_HISTOGRAMS: 1,
+            event_accumulator.AUDIO: 1,
+        },
+    )
+    accumulator.Reload()
+    tags = accumulator.Tags()
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for tag in tags.get("scalars", []):  # TF1-style summaries
+        scalars[tag] = [(e.step, float(e.value)) for e in accumulator.Scalars(tag)]
+    order: list[str] = []
+    for tag in tags.get("tensors", []):
+        plugin = accumulator.SummaryMetadata(tag).plugin_data.plugin_name
+        events = accumulator.Tensors(tag)
+        if tag == PROBE_ORDER_TAG and events:
+            raw = tensor_util.make_ndarray(events[-1].tensor_proto).item()
+            order = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+        elif plugin == "scalars":
+            scalars[tag] = [
+                (e.step, float(tensor_util.make_ndarray(e.tensor_proto)))
+                for e in events
+            ]
+    if not any(tag.startswith(_PREFIXES) for tag in scalars):
+        raise ValueError(
+            f"No keras-actgrad events in '{log_dir}': the event files in '{path}' "
+            "hold no `actgrad/...` scalars. Point the report at the `log_dir` "
+            "given to `ActivationGradientCallback`. "
+            f"Received: log_dir='{log_dir}' with tags {sorted(scalars)[:10]}."
+        )
+    values: dict[str, dict[str, dict[int, float]]] = {}
+    start: dict[str, dict[str, float]] = {}
+    for tag, series in scalars.items():
+        prefix, _, rest = tag.partition("/")
+        probe, _, statistic = rest.rpartition("/")
+        if not probe or prefix not in ("actgrad", "actgrad_start"):
+            continue
+        if prefix == "actgrad":
+            target = values.setdefault(statistic, {}).setdefault(probe, {})
+            target.update(dict(series))
+        elif series:
+            start.setdefault(statistic, {})[probe] = series[-1][1]
+    if not values:
+        raise ValueError(
+            f"No keras-actgrad epoch events in '{log_dir}': only "
+            f"{sorted({tag.split('/')[0] for tag in scalars})} tags. The report "
+            "shows epoch events; probe at least one epoch (`freq`). "
+            f"Received: log_dir='{log_dir}'."
+        )
+    logged = {probe for per_probe in values.values() for probe in per_probe}
+    probes = [probe for probe in order if probe in logged]
+    probes += sorted(logged - set(probes))
+    epochs = sorted(
+        {e for per_probe in values.values() for s in per_probe.values() for e in s}
+    )
+    return Report(log_dir, probes, epochs, values, start)
+
+
+def plot_heatmap(report: Report, path: str, statistic: str = "grad_norm") -> None:
+    """Saves `report`'s probes x epochs heatmap of `statistic` to `path` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib import colors, figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    data = report.matrix(statistic)
+    alerts = report.alerts()
+    n_probes, n_epochs = data.shape
+    positive = data[np.isfinite(data) & (data > 0)]
+    fig = figure.Figure(
+        figsize=(min(16.0, 3.2 + 0.6 * max(n_epochs, 4)), 1.6 + 0.42 * n_probes),
+        dpi=100,
+        layout="constrained",
+    )
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#d9d9d9")
+    norm = None
+    if positive.size:
+        low, high = float(positive.min()), float(positive.max())
+        if high <= low * 1.0001:
+            low, high = low / 2, high * 2
+        norm = colors.LogNorm(vmin=low, vmax=high)
+    shown = np.ma.masked_where(~(np.isfinite(data) & (data > 0)), data)
+    image = ax.imshow(shown, cmap=cmap, norm=norm, aspect="auto",
+                      interpolation="nearest")
+    ax.set_xticks(range(n_epochs), [str(e) for e in report.epochs])
+    if n_epochs > 20:
+        for k, label in enumerate(ax.get_xticklabels()):
+            label.set_visible(k % math.ceil(n_epochs / 20) == 0)
+    labels = [
+        f"{p}  [{', '.join(a.split(' (')[0] for a in alerts[p])}]" if alerts[p] else p
+        for p in report.probes
+    ]
+    ax.set_yticks(range(n_probes), labels)
+    for probe, label in zip(report.probes, ax.get_yticklabels(), strict=True):
+        if alerts[probe]:
+            label.set_color("#c0392b")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("probe (forward order, input at top)")
+    ax.set_title(f"{statistic} per probe and epoch", loc="left")
+    if norm is not None:
+        bar = fig.colorbar(image, ax=ax, pad=0.02)
+        bar.set_label(f"{statistic} (log scale)")
+    if n_probes * n_epochs <= 300 and n_epochs <= 24:
+        for i in range(n_probes):
+            for j in range(n_epochs):
+                value = data[i, j]
+                if math.isnan(value) and not _logged(report, statistic, i, j):
+                    continue
+                text = _number(value, digits=2)
+                dark = norm is not None and np.isfinite(value) and value > 0 and (
+                    norm(value) < 0.6
+                )
+                ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                        color="white" if dark else "black")
+    fig.savefig(path)
+
+
+def _logged(report: Report, statistic: str, i: int, j: int) -> bool:
+    probe, epoch = report.probes[i], report.epochs[j]
+    return epoch in report.values[statistic].get(probe, {})
+
+
+def profile_image(
+    probes: Sequence[str], grad_norms: Sequence[float], title: str
+) -> np.ndarray:
+    """A bar chart of `grad_norms` per probe (log scale) as an RGBA uint8 array.
+
+    Used for TensorBoard's Images tab; probes in forward order, left to right.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib import figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    values = np.asarray(grad_norms, dtype=float)
+    fig = figure.Figure(
+        figsize=(max(4.0, 1.5 + 0.45 * len(probes)), 3.2), dpi=100,
+        layout="constrained",
+    )
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    good = np.isfinite(values) & (values > 0)
+    floor = values[good].min() / 10 if good.any() else 1e-8
+    heights = np.where(good, values, floor)
+    bars = ax.bar(range(len(probes)), heights, color="#2a788e")
+    for bar, value, ok in zip(bars, values, good, strict=True):
+        if not ok:
+            bar.set_color("#c0392b")
+            ax.annotate(_number(value), (bar.get_x() + bar.get_width() / 2, floor),
+                        ha="center", va="bottom", fontsize=8, color="#c0392b")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(probes)), list(probes), rotation=45, ha="right",
+                  fontsize=8)
+    ax.set_ylabel("grad_norm (log scale)")
+    ax.set_title(title, loc="left", fontsize=10)
+    canvas.draw()  # type: ignore[no-untyped-call]
+    rgba = canvas.buffer_rgba()  # type: ignore[no-untyped-call]
+    return np.asarray(rgba, dtype=np.uint8).copy()

@@ -1,0 +1,221 @@
+"""The report command and `load_report`, on event files written as the
+callback's TensorBoard contract says (tf.summary, `<log_dir>/actgrad/`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+
+import keras_actgrad  # noqa: E402
+from keras_actgrad.__main__ import main  # noqa: E402
+
+# Deliberately not alphabetical: the table must follow `actgrad/probe_order`.
+PROBES = ["input_probe", "conv_probe", "a_dense_probe", "logits_probe"]
+EPOCHS = [0, 2, 4]  # probed every other epoch
+
+
+def grad_norm(probe_index: int, epoch: int) -> float:
+    # The first probe vanishes (1e-6 of the logits probe's) from epoch 2 on.
+    if probe_index == 0:
+        return 1e-3 if epoch == 0 else 1e-6
+    return 0.5 * (probe_index + 1) * (1 + epoch)
+
+
+def write_contract_events(log_dir, *, start=False, nonfinite_at=None, text=True):
+    writer = tf.summary.create_file_writer(os.path.join(log_dir, "actgrad"))
+    with writer.as_default():
+        if start:
+            for i, probe in enumerate(PROBES):
+                tf.summary.scalar(f"actgrad_start/{probe}/grad_norm", 10.0 + i, step=0)
+        for epoch in EPOCHS:
+            for i, probe in enumerate(PROBES):
+                norm = grad_norm(i, epoch)
+                count = 0.0
+                if nonfinite_at == (probe, epoch):
+                    norm, count = float("nan"), 3.0
+                tf.summary.scalar(f"actgrad/{probe}/grad_norm", norm, step=epoch)
+                tf.summary.scalar(f"actgrad/{probe}/nonfinite", count, step=epoch)
+                dead = 0.75 if probe == "conv_probe" and epoch == 4 else 0.0
+                scalar = tf.summary.scalar
+                scalar(f"actgrad/{probe}/dead_unit_fraction", dead, step=epoch)
+                scalar(f"actgrad/{probe}/act_std", 0.25 * (i + 1), step=epoch)
+                tf.summary.histogram(f"actgrad/{probe}/gradient", [1.0], step=epoch)
+            if text:
+                tf.summary.text("actgrad/probe_order", json.dumps(PROBES), step=epoch)
+            # Batch-level and weight events must not enter the epoch table.
+            tf.summary.scalar(f"actgrad_batch/{PROBES[0]}/grad_norm", 99.0, step=epoch)
+            tf.summary.scalar("actgrad_weights/dense/kernel/grad_norm", 7.0, step=epoch)
+    writer.close()
+    return str(log_dir)
+
+
+def rows(output):
+    """Table rows keyed by probe name (lines after the dashed rule)."""
+    lines = output.splitlines()
+    rule = next(i for i, line in enumerate(lines) if set(line) <= {"-", " "})
+    body = [line for line in lines[rule + 1 :] if line.strip()]
+    table = {}
+    for line in body:
+        if line.startswith("heatmap"):
+            break
+        table[line.split()[0]] = line
+    return lines[rule - 1], table
+
+
+def test_load_report_reads_the_contract(tmp_path):
+    log_dir = write_contract_events(tmp_path, start=True)
+    report = keras_actgrad.load_report(log_dir)
+    assert report.probes == PROBES
+    assert report.epochs == EPOCHS
+    assert set(report.statistics) == {
+        "grad_norm", "nonfinite", "dead_unit_fraction", "act_std"
+    }
+    matrix = report.matrix("grad_norm")
+    expected = [[grad_norm(i, e) for e in EPOCHS] for i in range(len(PROBES))]
+    np.testing.assert_allclose(matrix, expected, rtol=1e-6)
+    assert report.start["grad_norm"] == pytest.approx(
+        {probe: 10.0 + i for i, probe in enumerate(PROBES)}
+    )
+
+
+def test_table_rows_values_trend_and_alerts(tmp_path, capsys):
+    log_dir = write_contract_events(tmp_path)
+    assert main(["report", log_dir]) == 0
+    header, table = rows(capsys.readouterr().out)
+    assert header.split() == [
+        "probe", "epoch", "0", "epoch", "4", "trend", "alerts"
+    ]
+    assert list(table) == PROBES  # forward order, not alphabetical
+    # logits_probe: 0.5 * 4 * 1 = 2 at epoch 0, 2 * 5 = 10 at epoch 4.
+    assert table["logits_probe"].split()[1:5] == ["2", "10", "\u2191", "x5"]
+    assert table["logits_probe"].rstrip().endswith("-")
+    # input_probe falls from 1e-3 to 1e-6: 1e-6 / (2 * 3) < 1e-4 at epoch 2.
+    assert table["input_probe"].split()[1:5] == ["0.001", "1e-06", "\u2193", "x0.001"]
+    assert "vanishing (epoch 2)" in table["input_probe"]
+    # conv_probe: 75% dead units at epoch 4 (threshold 0.5).
+    assert "dead units (epoch 4)" in table["conv_probe"]
+    assert "vanishing" not in table["conv_probe"]
+    assert "exploding" not in table["a_dense_probe"]
+
+
+def test_thresholds_are_options(tmp_path, capsys):
+    log_dir = write_contract_events(tmp_path)
+    # 1e-3 / 2 = 5e-4 at epoch 0: vanishing for a threshold of 1e-3.
+    args = ["report", log_dir, "--vanishing", "1e-3", "--dead-units", "0.9"]
+    assert main(args) == 0
+    _, table = rows(capsys.readouterr().out)
+    assert "vanishing (epoch 0)" in table["input_probe"]
+    assert "dead units" not in table["conv_probe"]
+    # The logits probe is the reference; others exceed 0.1 x its norm.
+    assert main(["report", log_dir, "--exploding", "0.1"]) == 0
+    _, table = rows(capsys.readouterr().out)
+    assert "exploding (epoch 0)" in table["a_dense_probe"]
+
+
+def test_nonfinite_alert_names_the_epoch(tmp_path, capsys):
+    log_dir = write_contract_events(tmp_path, nonfinite_at=("conv_probe", 2))
+    assert main(["report", log_dir]) == 0
+    _, table = rows(capsys.readouterr().out)
+    assert "non-finite (epoch 2)" in table["conv_probe"]
+    assert "non-finite" not in table["a_dense_probe"]
+
+
+def test_start_column_and_other_statistic(tmp_path, capsys):
+    log_dir = write_contract_events(tmp_path, start=True)
+    assert main(["report", log_dir]) == 0
+    header, table = rows(capsys.readouterr().out)
+    assert header.split()[:2] == ["probe", "start"]
+    assert table["conv_probe"].split()[1:3] == ["11", "1"]  # start, epoch 0
+    # act_std has no `probe_at_start` event here: no start column.
+    assert main(["report", log_dir, "--statistic", "act_std"]) == 0
+    out = capsys.readouterr().out
+    header, table = rows(out)
+    assert out.splitlines()[0].startswith("act_std per probe")
+    assert header.split()[:2] == ["probe", "epoch"]
+    # act_std is 0.25 * (i + 1) at every epoch: a flat trend.
+    assert table["conv_probe"].split()[1:5] == ["0.5", "0.5", "\u2192", "x1"]
+
+
+def test_without_probe_order_falls_back_to_sorted_names(tmp_path):
+    log_dir = write_contract_events(tmp_path, text=False)
+    assert keras_actgrad.load_report(log_dir).probes == sorted(PROBES)
+
+
+def test_actgrad_subdirectory_itself_is_accepted(tmp_path):
+    write_contract_events(tmp_path)
+    report = keras_actgrad.load_report(str(tmp_path / "actgrad"))
+    assert report.probes == PROBES
+
+
+def test_png_heatmap_is_written_and_not_blank(tmp_path, capsys):
+    from matplotlib import image
+
+    log_dir = write_contract_events(tmp_path)
+    png = tmp_path / "heat.png"
+    assert main(["report", log_dir, "--png", str(png)]) == 0
+    assert f"heatmap saved to {png}" in capsys.readouterr().out
+    pixels = image.imread(str(png))
+    height, width = pixels.shape[:2]
+    assert height > 200 and width > 400
+    colours = np.unique(pixels.reshape(-1, pixels.shape[-1]).round(2), axis=0)
+    assert len(colours) > 50  # a colour map, text and a colour bar, not a blank
+
+
+def test_unknown_statistic_exits_2(tmp_path, capsys):
+    log_dir = write_contract_events(tmp_path)
+    assert main(["report", log_dir, "--statistic", "grad_nrom"]) == 2
+    err = capsys.readouterr().err
+    assert "no statistic 'grad_nrom'" in err and "grad_norm" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "keras_tensorboard_only"])
+def test_no_events_exit_2_with_one_line(tmp_path, capsys, case):
+    log_dir = tmp_path / "logs"
+    if case != "missing":
+        log_dir.mkdir()
+    if case == "keras_tensorboard_only":
+        writer = tf.summary.create_file_writer(str(log_dir / "train"))
+        with writer.as_default():
+            tf.summary.scalar("epoch_loss", 1.0, step=0)
+        writer.close()
+    assert main(["report", str(log_dir)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("keras-actgrad: error:")
+    assert str(log_dir) in lines[0]
+
+
+def test_non_actgrad_events_in_actgrad_dir_exit_2(tmp_path, capsys):
+    writer = tf.summary.create_file_writer(str(tmp_path / "actgrad"))
+    with writer.as_default():
+        tf.summary.scalar("epoch_loss", 1.0, step=0)
+    writer.close()
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no `actgrad/...` scalars" in capsys.readouterr().err
+
+
+def test_python_m_entry_point_exit_2_without_traceback(tmp_path):
+    missing = tmp_path / "nowhere"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    done = subprocess.run(
+        [sys.executable, "-m", "keras_actgrad", "report", str(missing)],
+        capture_output=True, text=True, env=env, timeout=120,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    ours = [line for line in done.stderr.splitlines() if "keras-actgrad" in line]
+    assert ours == [
+        f"keras-actgrad: error: Log directory '{missing}' does not exist. Pass "
+        "the `log_dir` given to `ActivationGradientCallback`. "
+        f"Received: log_dir='{missing}'."
+    ]
