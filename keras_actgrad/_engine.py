@@ -249,17 +249,19 @@ def check_inputs(model: keras.Model, x: Any) -> None:
         )
     if not _is_graph_model(model) or not model.inputs:
         return
-    specs = keras.tree.flatten(model.input)
-    if isinstance(x, dict) and isinstance(model.input, dict):
-        missing = sorted(set(model.input) - set(x))
+    # A Sequential model that was never called has no `model.input`.
+    structure = model.inputs if isinstance(model, keras.Sequential) else model.input
+    specs = keras.tree.flatten(structure)
+    if isinstance(x, dict) and isinstance(structure, dict):
+        missing = sorted(set(structure) - set(x))
         if missing:
             raise ValueError(
                 f"The probe batch is missing inputs {missing} of model "
                 f"'{model.name}'. Expected a dict with keys "
-                f"{sorted(model.input)}. Received: x={describe(x)}."
+                f"{sorted(structure)}. Received: x={describe(x)}."
             )
-        leaves = [x[name] for name in model.input]
-        specs = [model.input[name] for name in model.input]
+        leaves = [x[name] for name in structure]
+        specs = [structure[name] for name in structure]
     else:
         leaves = keras.tree.flatten(x)
     if len(leaves) != len(specs):

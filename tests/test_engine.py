@@ -27,3 +27,20 @@ def test_kernel_regularizer_downstream_does_not_break_model_loss():
     want = 2.0 / y.size * (hidden @ kernel - y) @ kernel.T
     np.testing.assert_allclose(got.gradient, want, rtol=1e-5, atol=1e-7)
     assert tf.reduce_all(tf.math.is_finite(got.gradient))
+
+
+def test_sequential_never_called_before_the_probe_pass():
+    # Regression: `check_inputs` read `model.input`, which a Sequential model
+    # only has once called; `insert_probes` output (and the callback's first
+    # probe pass in `on_train_begin`) failed with an AttributeError.
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(2, use_bias=False),
+         GradientProbe(name="p")]
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    x = np.ones((4, 3), dtype="float32")
+    y = np.zeros((4, 2), dtype="float32")
+    got = activation_gradients(model, x, y)["p"]
+    # loss = mean((h - y)^2) over 8 entries, so dL/dh = 2 / 8 * (h - y).
+    np.testing.assert_allclose(got.gradient, 0.25 * (got.activation - y), rtol=1e-6)
