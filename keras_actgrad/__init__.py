@@ -1,5 +1,6 @@
 """keras-actgrad: see how the gradient of the loss flows through a Keras 3 model."""
 
+from keras_actgrad._callback import ActivationGradientCallback
 from keras_actgrad._engine import ActivationGradient, activation_gradients
 from keras_actgrad._probe import GradientProbe, find_probes, insert_probes, strip_probes
 from keras_actgrad._report import Report, load_report
@@ -7,6 +8,7 @@ from keras_actgrad._report import Report, load_report
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivationGradientCallback",
     "ActivationGradient",
     "GradientProbe",
     "Report",

@@ -67,7 +67,8 @@ class Reducer(Protocol):
     (it keys the cache of compiled functions).
     """
 
-    key: Hashable
+    @property
+    def key(self) -> Hashable: ...
 
     def __call__(
         self,

@@ -1,0 +1,249 @@
+"""The only module that writes TensorBoard summaries.
+
+`EventWriter` writes one event file in `<log_dir>/actgrad/`, beside the
+`train/` and `validation/` directories of Keras's `TensorBoard` callback,
+with explicit steps. It writes the records itself (TensorBoard's record
+format, TensorBoard's protos and plugin metadata), so it needs the
+`tensorboard` package but no TensorFlow session and works with every Keras
+backend; `tensorboard` (and TensorFlow, which it uses for remote file
+systems when installed) is imported lazily, when a writer is created.
+
+What it writes, per probe event (the contract `_report.py` reads):
+
+- scalars `<prefix>/<probe>/<statistic>`, stored as TensorFlow 2 writes
+  them (`tf.summary.scalar`): a float32 scalar tensor with the `scalars`
+  plugin metadata. Read them with `EventAccumulator(...).Tensors(tag)`.
+- histograms `<prefix>/<probe>/gradient` and `<prefix>/<probe>/activation`:
+  a float64 `[k, 3]` tensor of (left edge, right edge, count) with the
+  `histograms` plugin metadata, as `tf.summary.histogram` writes it.
+- scalars `<weights prefix>/<variable path>/grad_norm`.
+- text `actgrad/probe_order` (epoch events): a JSON list of probe names in
+  forward order.
+
+`<prefix>` is `actgrad` (epoch events, step = epoch index), `actgrad_start`
+(`probe_at_start`, step = global step before the first update) or
+`actgrad_batch` (`batch_freq`, step = global training step); the weight
+prefixes are `actgrad_weights`, `actgrad_weights_start` and
+`actgrad_weights_batch`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from keras_actgrad._statistics import Reduced
+
+PREFIXES = {"epoch": "actgrad", "start": "actgrad_start", "batch": "actgrad_batch"}
+WEIGHT_PREFIXES = {
+    "epoch": "actgrad_weights",
+    "start": "actgrad_weights_start",
+    "batch": "actgrad_weights_batch",
+}
+PROBE_ORDER_TAG = "actgrad/probe_order"
+SUBDIRECTORY = "actgrad"
+
+_file_counter = 0
+
+
+def histogram_buckets(low: float, high: float, counts: np.ndarray) -> np.ndarray:
+    """The `[k, 3]` (left, right, count) layout of TensorBoard's histograms.
+
+    Mirrors `tensorboard.plugins.histogram.summary_v2`: equal-width buckets
+    over `[low, high]`; when all values are equal every edge is that value
+    and the last bucket holds the count; without data, all zeros.
+    """
+    k = len(counts)
+    counts = np.asarray(counts, dtype=np.float64)
+    if k == 0 or counts.sum() == 0 or not np.isfinite(low):
+        return np.zeros((k, 3), dtype=np.float64)
+    if low == high:
+        edges = np.full(k, low, dtype=np.float64)
+        last = np.zeros(k, dtype=np.float64)
+        last[-1] = counts.sum()
+        return np.stack([edges, edges, last], axis=1)
+    edges = np.linspace(low, high, k + 1)
+    return np.stack([edges[:-1], edges[1:], counts], axis=1)
+
+
+class EventWriter:
+    """Writes probe events to `<log_dir>/actgrad/events.out.tfevents.*`.
+
+    Creating the writer creates the directory and the file and raises
+    `OSError` if it cannot. Afterwards a failed write (directory removed,
+    disk full) warns once and turns the writer off; training is unaffected.
+    """
+
+    def __init__(self, log_dir: str) -> None:
+        global _file_counter
+        from tensorboard.compat.proto import event_pb2
+
+        self.directory = os.path.join(str(log_dir), SUBDIRECTORY)
+        self._remote = "://" in self.directory
+        self._makedirs(self.directory)
+        _file_counter += 1
+        self.path = os.path.join(
+            self.directory,
+            f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}"
+            f".{os.getpid()}.{_file_counter}.actgrad",
+        )
+        self._file = self._open(self.path)
+        self.active = True
+        self._metadata: dict[str, Any] = {}
+        self._write_record(
+            event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")
+        )
+        self._file.flush()
+
+    # File system (local files with `open`, remote ones with gfile).
+
+    def _makedirs(self, directory: str) -> None:
+        if self._remote:
+            from tensorboard.compat import tf
+
+            tf.io.gfile.makedirs(directory)
+        else:
+            os.makedirs(directory, exist_ok=True)
+
+    def _open(self, path: str) -> Any:
+        if self._remote:
+            from tensorboard.compat import tf
+
+            return tf.io.gfile.GFile(path, "wb")
+        return open(path, "wb")  # noqa: SIM115 - closed in `close`
+
+    def _exists(self) -> bool:
+        if self._remote:
+            from tensorboard.compat import tf
+
+            return bool(tf.io.gfile.exists(self.path))
+        return os.path.exists(self.path)
+
+    def _write_record(self, event: Any) -> None:
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        RecordWriter(self._file).write(event.SerializeToString())
+
+    # Summary values.
+
+    def _plugin_metadata(self, plugin: str) -> Any:
+        if plugin not in self._metadata:
+            if plugin == "scalars":
+                from tensorboard.plugins.scalar import metadata
+            elif plugin == "histograms":
+                from tensorboard.plugins.histogram import metadata
+            else:
+                from tensorboard.plugins.text import metadata
+            self._metadata[plugin] = metadata.create_summary_metadata(
+                display_name=None, description=None
+            )
+        return self._metadata[plugin]
+
+    def write(
+        self,
+        kind: str,
+        step: int,
+        reduced: Reduced,
+        statistics: Sequence[str],
+        probe_order: Sequence[str],
+    ) -> bool:
+        """Writes one probe event; returns False if writing failed or is off."""
+        if not self.active:
+            return False
+        try:
+            self._write(kind, step, reduced, statistics, probe_order)
+        except Exception as error:  # noqa: BLE001 - a failed write must not stop training
+            self._fail(error)
+            return False
+        return True
+
+    def _write(
+        self,
+        kind: str,
+        step: int,
+        reduced: Reduced,
+        statistics: Sequence[str],
+        probe_order: Sequence[str],
+    ) -> None:
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+        from tensorboard.util import tensor_util
+
+        if not self._exists():
+            raise FileNotFoundError(
+                f"the event file {self.path} no longer exists (was the log "
+                "directory removed?)"
+            )
+        prefix = PREFIXES[kind]
+        summary = summary_pb2.Summary()
+        scalar = self._plugin_metadata("scalars")
+        histogram = self._plugin_metadata("histograms")
+        for probe in probe_order:
+            values = reduced.statistics.get(probe, {})
+            for statistic in statistics:
+                summary.value.add(
+                    tag=f"{prefix}/{probe}/{statistic}",
+                    metadata=scalar,
+                    tensor=tensor_util.make_tensor_proto(
+                        np.float32(values.get(statistic, np.nan))
+                    ),
+                )
+            for name, (low, high, counts) in reduced.histograms.get(probe, {}).items():
+                summary.value.add(
+                    tag=f"{prefix}/{probe}/{name}",
+                    metadata=histogram,
+                    tensor=tensor_util.make_tensor_proto(
+                        histogram_buckets(low, high, counts)
+                    ),
+                )
+        weight_prefix = WEIGHT_PREFIXES[kind]
+        for path, norm in reduced.weight_grad_norms.items():
+            summary.value.add(
+                tag=f"{weight_prefix}/{path}/grad_norm",
+                metadata=scalar,
+                tensor=tensor_util.make_tensor_proto(np.float32(norm)),
+            )
+        if kind == "epoch":
+            summary.value.add(
+                tag=PROBE_ORDER_TAG,
+                metadata=self._plugin_metadata("text"),
+                tensor=tensor_util.make_tensor_proto(json.dumps(list(probe_order))),
+            )
+        self._write_record(
+            event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary)
+        )
+        self._file.flush()
+
+    def _fail(self, error: BaseException) -> None:
+        self.active = False
+        warnings.warn(
+            f"ActivationGradientCallback could not write TensorBoard summaries to "
+            f"'{self.directory}' and stops writing them for this run; training "
+            f"and the `logs` keys are not affected. Cause: {error!r}",
+            stacklevel=3,
+        )
+        self._close_file()
+
+    def _close_file(self) -> None:
+        try:
+            self._file.close()
+        except Exception:  # noqa: BLE001, S110 - nothing more to do
+            pass
+
+    def close(self) -> None:
+        """Flushes and closes the event file."""
+        if not self.active:
+            return
+        try:
+            self._file.flush()
+        except Exception as error:  # noqa: BLE001
+            self._fail(error)
+            return
+        self.active = False
+        self._close_file()

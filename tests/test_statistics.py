@@ -1,0 +1,194 @@
+"""On-device statistics against NumPy closed forms on the same batch."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import keras_actgrad  # noqa: E402
+from keras_actgrad._engine import PassConfig, get_engine  # noqa: E402
+from keras_actgrad._statistics import (  # noqa: E402
+    STATISTICS,
+    StatisticsReducer,
+    check_statistics,
+    log_key,
+)
+
+BINS = 30
+
+
+def reference_statistics(activation: np.ndarray, gradient: np.ndarray | None) -> dict:
+    """The README's definitions, written independently in NumPy (float64)."""
+    a = activation.astype(np.float64)
+    result = {
+        "act_mean": a.mean(),
+        "act_std": np.sqrt(((a - a.mean()) ** 2).mean()),
+        "act_zero_fraction": np.count_nonzero(a == 0) / a.size,
+    }
+    units = a.reshape(-1, a.shape[-1])
+    dead = [np.all(units[:, j] == 0) for j in range(units.shape[1])]
+    result["dead_unit_fraction"] = float(np.mean(dead))
+    if gradient is None:
+        for name in STATISTICS:
+            result.setdefault(name, np.nan)
+        return result
+    g = gradient.astype(np.float64)
+    per_example = np.array([np.sqrt(np.sum(row**2)) for row in g])
+    result.update(
+        grad_norm=np.sqrt(np.sum(g**2)),
+        grad_mean_abs=np.abs(g).mean(),
+        grad_std=g.std(),
+        grad_max_abs=np.abs(g).max(),
+        grad_zero_fraction=np.count_nonzero(g == 0) / g.size,
+        sample_grad_norm_mean=per_example.mean(),
+        sample_grad_norm_max=per_example.max(),
+        nonfinite=float(np.count_nonzero(~np.isfinite(g))),
+    )
+    return result
+
+
+def reduce(
+    model, x, y, *, loss="model", bins=BINS, weight_gradients=False, sample_weight=None
+):
+    engine = get_engine(model)
+    reducer = StatisticsReducer(STATISTICS, bins)
+    config = PassConfig(loss, False, weight_gradients, reducer)
+    vector = engine.adapter.to_numpy(engine.run(x, y, sample_weight, config))
+    paths = [v.path for v in model.trainable_variables] if weight_gradients else []
+    return reducer.unpack(vector, engine.probe_order, paths)
+
+
+def conv_model():
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((6, 6, 2))
+    h = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inputs)
+    h = keras_actgrad.GradientProbe(name="conv_out")(h)
+    h = keras.layers.Flatten()(h)
+    h = keras.layers.Dense(5, activation="relu", name="hidden")(h)
+    h = keras_actgrad.GradientProbe(name="hidden_out")(h)
+    outputs = keras.layers.Dense(3, name="head")(h)
+    model = keras.Model(inputs, outputs)
+    model.compile("sgd", "mse")
+    # Two hidden units that never fire: dead on every example.
+    kernel, bias = model.get_layer("hidden").get_weights()
+    kernel[:, :2] = 0.0
+    bias[:2] = -1.0
+    model.get_layer("hidden").set_weights([kernel, bias])
+    return model
+
+
+def test_statistics_match_numpy_definitions():
+    model = conv_model()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(7, 6, 6, 2)).astype("float32")
+    y = rng.normal(size=(7, 3)).astype("float32")
+    reduced = reduce(model, x, y)
+    results = keras_actgrad.activation_gradients(model, x, y)
+    assert sorted(reduced.statistics) == ["conv_out", "hidden_out"]
+    for probe, result in results.items():
+        expected = reference_statistics(result.activation, result.gradient)
+        for name in STATISTICS:
+            np.testing.assert_allclose(
+                reduced.statistics[probe][name],
+                expected[name],
+                rtol=2e-5,
+                atol=1e-7,
+                err_msg=f"{probe}/{name}",
+            )
+    # The constructed dead units are seen, and the closed form is exact.
+    assert reduced.statistics["hidden_out"]["dead_unit_fraction"] >= 2 / 5
+
+
+def test_histograms_match_numpy():
+    model = conv_model()
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(9, 6, 6, 2)).astype("float32")
+    y = rng.normal(size=(9, 3)).astype("float32")
+    reduced = reduce(model, x, y)
+    results = keras_actgrad.activation_gradients(model, x, y)
+    for probe, result in results.items():
+        for kind, values in (
+            ("gradient", result.gradient),
+            ("activation", result.activation),
+        ):
+            low, high, counts = reduced.histograms[probe][kind]
+            assert low == pytest.approx(values.min())
+            assert high == pytest.approx(values.max())
+            expected, _ = np.histogram(
+                values, bins=BINS, range=(values.min(), values.max())
+            )
+            assert counts.sum() == values.size
+            # Values within rounding of a bin edge may fall either side.
+            assert np.abs(counts - expected).sum() <= 2, (probe, kind)
+
+
+def test_nonfinite_closed_form():
+    # loss = sum(sqrt(|x|)): d loss / d x = sign(x) / (2 sqrt|x|), inf at 0.
+    inputs = keras.Input((5,))
+    h = keras_actgrad.GradientProbe(name="p")(inputs)
+    outputs = keras.layers.Lambda(lambda t: keras.ops.sqrt(keras.ops.abs(t)))(h)
+    model = keras.Model(inputs, outputs)
+    x = np.array([[1.0, 0.0, 4.0, -9.0, 0.0], [0.25, 1.0, 0.0, 1.0, 1.0]], "float32")
+    reduced = reduce(model, x, None, loss="sum", bins=4)
+    assert reduced.statistics["p"]["nonfinite"] == 3.0
+    assert reduced.statistics["p"]["act_zero_fraction"] == pytest.approx(0.3)
+    low, high, counts = reduced.histograms["p"]["gradient"]
+    finite = np.array([0.5, 0.25, -1 / 6, 1.0, 0.5, 0.5, 0.5])
+    assert (low, high) == pytest.approx((finite.min(), finite.max()))
+    assert counts.sum() == finite.size  # non-finite entries are left out
+
+
+def test_probe_without_gradient_gives_nan():
+    inputs = keras.Input((4,), dtype="int32")
+    ids = keras_actgrad.GradientProbe(name="ids")(inputs)
+    h = keras.layers.Embedding(10, 3)(ids)
+    h = keras_actgrad.GradientProbe(name="embedded")(h)
+    outputs = keras.layers.Dense(1)(keras.layers.Flatten()(h))
+    model = keras.Model(inputs, outputs)
+    model.compile("sgd", "mse")
+    x = np.array([[1, 2, 0, 3], [4, 0, 0, 9]], "int32")
+    y = np.ones((2, 1), "float32")
+    with pytest.warns(UserWarning, match="not floating point"):
+        reduced = reduce(model, x, y, bins=5)
+    ids_stats = reduced.statistics["ids"]
+    for name in STATISTICS:
+        if name.startswith(("grad_", "sample_grad_")) or name == "nonfinite":
+            assert np.isnan(ids_stats[name]), name
+    assert ids_stats["act_zero_fraction"] == pytest.approx(3 / 8)
+    assert ids_stats["dead_unit_fraction"] == pytest.approx(1 / 4)  # column 2
+    assert reduced.histograms["ids"]["gradient"][2].sum() == 0
+    assert np.isfinite(reduced.statistics["embedded"]["grad_norm"])
+
+
+def test_weight_gradient_norms_match_tape():
+    import tensorflow as tf
+
+    model = conv_model()
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(4, 6, 6, 2)).astype("float32")
+    y = rng.normal(size=(4, 3)).astype("float32")
+    reduced = reduce(model, x, y, bins=0, weight_gradients=True)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean((model(x) - y) ** 2)
+    grads = tape.gradient(loss, model.trainable_variables)
+    assert set(reduced.weight_grad_norms) == {v.path for v in model.trainable_variables}
+    for variable, grad in zip(model.trainable_variables, grads, strict=True):
+        np.testing.assert_allclose(
+            reduced.weight_grad_norms[variable.path],
+            np.linalg.norm(grad.numpy()),
+            rtol=1e-5,
+            err_msg=variable.path,
+        )
+
+
+def test_log_key_and_names():
+    assert log_key("dense_probe", "grad_norm") == "actgrad/dense_probe/grad_norm"
+    assert check_statistics(None, "statistics") == STATISTICS
+    assert check_statistics(["act_mean", "act_mean"], "statistics") == ("act_mean",)
+    with pytest.raises(ValueError, match=r"grad_nrom.*Accepted names.*grad_norm"):
+        check_statistics(["grad_nrom"], "statistics")
