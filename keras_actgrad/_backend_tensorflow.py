@@ -5,10 +5,26 @@ and watching the result on a `tf.GradientTape`: the tape's gradient with
 respect to that tensor is the sum over its consumers, which are exactly the
 layers downstream of the probe. Consumers of the probe's *input* (skip
 branches, the previous layer's activity regularizer) are not counted.
+
+Mixed precision: when a probe sees a float16 tensor, the backward pass is
+loss-scaled, as `keras.optimizers.LossScaleOptimizer` does for training, so
+small gradients do not underflow to zero in float16. The scale is the model
+optimizer's current loss scale if it is a `LossScaleOptimizer`, else
+`DEFAULT_LOSS_SCALE`; if the scaled gradients overflow, the scale is divided
+by 16 until they are finite (down to 1). Gradients are unscaled in float32,
+and gradients of float16 and bfloat16 tensors are returned as float32.
+
+Distribution: the probe pass runs the whole probe batch as one computation
+on the worker's default device, outside the replicas, reading the mirrored
+weights (identical on every replica). Inside a `strategy.scope()` Keras
+divides mean losses by the number of replicas (each replica's share of a
+global batch), which would divide the gradients too; there the pass runs in a
+helper thread, where no strategy is in scope.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections.abc import Callable
 from typing import Any
 
@@ -18,9 +34,90 @@ import tensorflow as tf
 
 from keras_actgrad._engine import LossFn, PassConfig, Tapped, forward, probe_scope
 
+DEFAULT_LOSS_SCALE = 2.0**15
+_SCALE_DIVISOR = 16.0
+
 
 def _is_float(tensor: Any) -> bool:
     return bool(getattr(tensor, "dtype", None) is not None and tensor.dtype.is_floating)
+
+
+def _is_float16(tapped: Tapped) -> bool:
+    return tapped.differentiable and tapped.activation.dtype == tf.float16
+
+
+def loss_scale(model: keras.Model) -> float:
+    """The loss scale of a float16 probe pass: the optimizer's, if it has one."""
+    optimizer = getattr(model, "optimizer", None)
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        if optimizer.built:
+            return float(keras.ops.convert_to_numpy(optimizer.dynamic_scale))
+        return float(optimizer.initial_scale)
+    return DEFAULT_LOSS_SCALE
+
+
+def _to_float32(gradient: Any) -> Any:
+    if isinstance(gradient, tf.IndexedSlices):
+        gradient = tf.convert_to_tensor(gradient)
+    if gradient is None or gradient.dtype not in (tf.float16, tf.bfloat16):
+        return gradient
+    return tf.cast(gradient, tf.float32)
+
+
+def _all_finite(gradients: list[Any]) -> Any:
+    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in gradients])
+
+
+def scaled_gradients(
+    tape: tf.GradientTape, loss: Any, targets: list[Any], scale: Any
+) -> list[Any]:
+    """Gradients of `loss` (float32) with the backward pass scaled by `scale`.
+
+    `tape` must be persistent. Overflowing (non-finite) scaled gradients are
+    recomputed with the scale divided by 16, down to 1; a gradient that is
+    still non-finite at scale 1 is non-finite in truth and is returned as is.
+    """
+
+    def compute(current: Any) -> list[Any]:
+        return [
+            _to_float32(g)
+            for g in tape.gradient(
+                loss,
+                targets,
+                output_gradients=current,
+                unconnected_gradients=tf.UnconnectedGradients.NONE,
+            )
+        ]
+
+    first = compute(scale)
+    present = [i for i, g in enumerate(first) if g is not None]
+    if not present:
+        return first
+    kept = [targets[i] for i in present]
+
+    def compute_present(current: Any) -> list[Any]:
+        grads = tape.gradient(
+            loss,
+            kept,
+            output_gradients=current,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
+        return [_to_float32(g) for g in grads]
+
+    def overflowing(current: Any, grads: list[Any]) -> Any:
+        return tf.logical_and(current > 1.0, tf.logical_not(_all_finite(grads)))
+
+    def smaller(current: Any, grads: list[Any]) -> tuple[Any, list[Any]]:
+        current = tf.maximum(current / _SCALE_DIVISOR, 1.0)
+        return current, compute_present(current)
+
+    final_scale, grads = tf.while_loop(
+        overflowing, smaller, [scale, [first[i] for i in present]]
+    )
+    result: list[Any] = list(first)
+    for i, g in zip(present, grads, strict=True):
+        result[i] = g / final_scale
+    return result
 
 
 class TensorFlowAdapter:
@@ -33,7 +130,7 @@ class TensorFlowAdapter:
         config: PassConfig,
         on_trace: Callable[[list[Tapped]], None],
     ) -> Callable[[Any, Any, Any], Any]:
-        def step(x: Any, y: Any, sample_weight: Any) -> Any:
+        def step(x: Any, y: Any, sample_weight: Any, scale: Any) -> Any:
             tapped: list[Tapped] = []
             calls: dict[str, int] = {}
 
@@ -50,7 +147,7 @@ class TensorFlowAdapter:
                 return output
 
             with tf.GradientTape(
-                watch_accessed_variables=config.weight_gradients
+                watch_accessed_variables=config.weight_gradients, persistent=True
             ) as tape:
                 with probe_scope(model):
                     y_pred = forward(model, x, config.training, tap)
@@ -60,11 +157,17 @@ class TensorFlowAdapter:
             variables = (
                 list(model.trainable_variables) if config.weight_gradients else []
             )
-            grads = tape.gradient(
-                loss,
-                handles + variables,
-                unconnected_gradients=tf.UnconnectedGradients.NONE,
-            )
+            if any(_is_float16(t) for t in tapped):
+                grads = scaled_gradients(tape, loss, handles + variables, scale)
+            else:
+                grads = [
+                    _to_float32(g)
+                    for g in tape.gradient(
+                        loss,
+                        handles + variables,
+                        unconnected_gradients=tf.UnconnectedGradients.NONE,
+                    )
+                ]
             probe_grads = iter(grads[: len(handles)])
             gradients = {
                 t.name: next(probe_grads) if t.differentiable else None for t in tapped
@@ -75,8 +178,24 @@ class TensorFlowAdapter:
             }
             return config.reducer(activations, gradients, weight_gradients, loss)
 
-        compiled: Callable[[Any, Any, Any], Any] = tf.function(step)
-        return compiled
+        function = tf.function(step)
+
+        def run(x: Any, y: Any, sample_weight: Any) -> Any:
+            scale = tf.constant(loss_scale(model), tf.float32)
+            if not tf.distribute.has_strategy():
+                return function(x, y, sample_weight, scale)
+            if not tf.distribute.in_cross_replica_context():
+                raise RuntimeError(
+                    "The probe pass cannot run inside `strategy.run` (a replica "
+                    "context): it runs the whole probe batch once, outside the "
+                    "replicas. Call it from the Python loop, outside "
+                    "`strategy.run`. Received: a call in the replica context of "
+                    f"{type(tf.distribute.get_strategy()).__name__}."
+                )
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                return pool.submit(function, x, y, sample_weight, scale).result()
+
+        return run
 
     def to_numpy(self, value: Any) -> np.ndarray:
         if hasattr(value, "numpy"):
