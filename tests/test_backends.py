@@ -1,0 +1,246 @@
+"""Every backend gives the same activations and gradients.
+
+The models of `backend_cases.py` are built and given random weights under
+TensorFlow; their weights and data are saved, and a subprocess per backend
+(`KERAS_BACKEND=jax`, `torch`) loads them and runs the probe passes. The
+TensorFlow engine itself is checked against hand-split `tf.GradientTape`
+references in the core tests; here the other engines must agree with it.
+
+Backends are fixed at import, so each runs in its own process; this module
+runs its subprocesses once, from the TensorFlow suite.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import pytest
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RTOL = 1e-5
+
+spec = importlib.util.spec_from_file_location(
+    "backend_cases", HERE / "backend_cases.py"
+)
+assert spec is not None and spec.loader is not None
+cases = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cases)
+
+on_tensorflow = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="the cross-backend comparison runs once, from the TensorFlow suite "
+    "(it starts its own JAX and PyTorch processes)",
+)
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _subprocess_env(backend: str, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        KERAS_BACKEND=backend,
+        TF_CPP_MIN_LOG_LEVEL="3",
+        PYTHONPATH=os.pathsep.join(
+            filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
+        ),
+        **extra,
+    )
+    return env
+
+
+def _run(args: list[str], backend: str, **extra: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(  # noqa: S603 - our own interpreter and script
+        [sys.executable, *args],
+        env=_subprocess_env(backend, **extra),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, (
+        f"{backend} subprocess failed:\n{result.stdout}\n{result.stderr[-5000:]}"
+    )
+    return result
+
+
+def _randomize(model: keras.Model, rng: np.random.Generator) -> None:
+    """Non-trivial values for every variable (BN statistics included)."""
+    for variable in model.variables:
+        shape = tuple(variable.shape)
+        if variable.path.endswith(("moving_variance", "gamma")):
+            value = rng.uniform(0.5, 1.5, shape)
+        else:
+            value = rng.normal(0.0, 0.5, shape)
+        variable.assign(value.astype(variable.dtype))
+
+
+def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    """||actual - expected|| / ||expected|| (the norm-wise relative error)."""
+    scale = max(float(np.linalg.norm(expected)), 1e-30)
+    return float(np.linalg.norm(actual.astype("float64") - expected)) / scale
+
+
+@pytest.fixture(scope="module")
+def saved_cases(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("cross_backend")
+    rng = np.random.default_rng(1234)
+    keras.utils.set_random_seed(1234)
+    arrays: dict[str, np.ndarray] = {}
+    for name, builder in cases.BUILDERS.items():
+        model = builder()
+        _randomize(model, rng)
+        model.save_weights(folder / f"{name}.weights.h5")
+        data = cases.make_data(name)
+        np.savez(folder / f"{name}.npz", **data)
+        for key, value in cases.compute(model, data).items():
+            arrays[f"{name}:{key}"] = value
+    np.savez(folder / "results_tensorflow.npz", **arrays)
+    return folder
+
+
+@on_tensorflow
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_backend_matches_tensorflow(saved_cases: Path, backend: str) -> None:
+    if not _installed(backend):
+        pytest.skip(
+            f"{backend} is not installed (pip install keras-actgrad[{backend}])"
+        )
+    _run(["tests/backend_cases.py", "compute", str(saved_cases)], backend)
+    expected = dict(np.load(saved_cases / "results_tensorflow.npz"))
+    actual = dict(np.load(saved_cases / f"results_{backend}.npz"))
+    assert sorted(actual) == sorted(expected)
+    # Every case and every kind of result is compared.
+    assert {key.split(":")[0] for key in expected} == set(cases.BUILDERS)
+    assert any(key.endswith("@1/gradient") for key in expected)
+    failures = []
+    for key, reference in expected.items():
+        value = actual[key]
+        if reference.shape == () and np.isnan(reference):  # gradient None
+            if not (value.shape == () and np.isnan(value)):
+                failures.append(f"{key}: expected None, got an array")
+            continue
+        assert value.shape == reference.shape, key
+        error = relative_error(value, reference)
+        if not error <= RTOL:
+            failures.append(f"{key}: relative error {error:.2e}")
+    assert not failures, "\n".join(failures)
+
+
+@on_tensorflow
+def test_references_are_not_trivial(saved_cases: Path) -> None:
+    # Gradients that are all zero would agree trivially.
+    results = dict(np.load(saved_cases / "results_tensorflow.npz"))
+    unconnected = {
+        key for key, value in results.items() if value.shape == () and np.isnan(value)
+    }
+    assert unconnected == {
+        "multi_io:False/mimo_aux_probe/gradient",
+        "multi_io:True/mimo_aux_probe/gradient",
+        "multi_io:weights/mimo_aux_dense/kernel",
+        "multi_io:weights/mimo_aux_dense/bias",
+        "multi_io:weights/aux/kernel",
+        "multi_io:weights/aux/bias",
+    }
+    for key, value in results.items():
+        if key.endswith("/gradient") and key not in unconnected:
+            assert np.all(np.isfinite(value)), key
+            assert np.linalg.norm(value) > 1e-6, key
+
+
+DATA_PARALLEL = """
+import json, os
+import jax, keras, numpy as np
+import keras_actgrad
+from keras_actgrad._engine import FullReducer, PassConfig, get_engine
+
+assert len(jax.devices()) == 2, jax.devices()
+
+
+def build():
+    inputs = keras.Input((6,))
+    h = keras.layers.Dense(16, name="d1")(inputs)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    h = keras_actgrad.GradientProbe(name="p1")(keras.layers.ReLU()(h))
+    h = keras.layers.Dense(8, activation="tanh", name="d2")(h)
+    h = keras_actgrad.GradientProbe(name="p2")(h)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="out")(h))
+    model.compile(loss="mse")
+    return model
+
+
+rng = np.random.default_rng(0)
+x = rng.normal(size=(8, 6)).astype("float32")
+y = rng.normal(size=(8, 2)).astype("float32")
+keras.utils.set_random_seed(0)
+single = build()
+weights = single.get_weights()
+
+
+def run(model):
+    out = {}
+    for training in (False, True):
+        for name, r in keras_actgrad.activation_gradients(
+            model, x, y, training=training
+        ).items():
+            out[f"{training}/{name}/activation"] = r.activation
+            out[f"{training}/{name}/gradient"] = r.gradient
+    full = get_engine(model).run(
+        x, y, None, PassConfig("model", False, True, FullReducer())
+    )
+    for path, g in full["weight_gradients"].items():
+        out["weights/" + path] = np.asarray(g)
+    return out
+
+
+reference = run(single)
+keras.distribution.set_distribution(
+    keras.distribution.DataParallel(devices=jax.devices())
+)
+model = build()
+model.set_weights(weights)
+kernel = model.get_layer("d1").kernel.value
+assert len(kernel.sharding.device_set) == 2, kernel.sharding
+# The probe batch is split across the two devices.
+from keras_actgrad._backend_jax import _distribute
+assert len(_distribute(x).sharding.device_set) == 2
+distributed = run(model)
+errors = {}
+for key, value in reference.items():
+    scale = max(float(np.linalg.norm(value)), 1e-30)
+    errors[key] = float(np.linalg.norm(distributed[key] - value)) / scale
+print("RESULT " + json.dumps(errors))
+"""
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "jax",
+    reason="keras.distribution.DataParallel is checked from the JAX suite "
+    "(in a subprocess with two CPU devices)",
+)
+def test_jax_data_parallel_matches_one_device(tmp_path: Path) -> None:
+    script = tmp_path / "data_parallel.py"
+    script.write_text(DATA_PARALLEL)
+    result = _run(
+        [str(script)],
+        "jax",
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_PLATFORMS="cpu",
+    )
+    line = next(
+        line for line in result.stdout.splitlines() if line.startswith("RESULT ")
+    )
+    errors: dict[str, Any] = json.loads(line[len("RESULT ") :])
+    assert len(errors) == 4 * 2 + 8  # 2 probes x 2 fields x 2 modes, 8 weights
+    bad = {key: error for key, error in errors.items() if not error <= RTOL}
+    assert not bad, bad
