@@ -28,7 +28,7 @@ import keras
 import numpy as np
 import torch
 
-from keras_actgrad._engine import LossFn, PassConfig, Tapped, forward
+from keras_actgrad._engine import LossFn, PassConfig, Tapped, forward, probe_scope
 
 
 def _is_float(tensor: Any) -> bool:
@@ -78,7 +78,7 @@ class TorchAdapter:
                 return output
 
             with torch.enable_grad():
-                with keras.StatelessScope(collect_losses=True):
+                with probe_scope(model):
                     y_pred = forward(model, x, config.training, tap)
                     loss = loss_fn(x, y, y_pred, sample_weight)
                     loss = keras.ops.cast(loss, "float32")

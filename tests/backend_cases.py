@@ -27,7 +27,7 @@ from keras_actgrad._engine import FullReducer, PassConfig, get_engine
 def mlp_batchnorm() -> keras.Model:
     inputs = keras.Input((6,), name="x")
     h = GradientProbe(name="mlp_input")(inputs)
-    h = keras.layers.Dense(16, name="mlp_dense1")(h)
+    h = keras.layers.Dense(16, kernel_regularizer="l2", name="mlp_dense1")(h)
     h = keras.layers.BatchNormalization(name="mlp_bn")(h)
     h = keras.layers.ReLU(name="mlp_relu")(h)
     h = GradientProbe(name="mlp_h1")(h)
