@@ -129,6 +129,20 @@ def _accepts_training(fn: Callable[..., Any]) -> bool:
         return False
 
 
+class _FunctionLoss(keras.losses.Loss):
+    """A loss function as a `keras.losses.Loss`: sample weights, reduction.
+
+    (`keras.losses.LossFunctionWrapper` is not part of the public API.)
+    """
+
+    def __init__(self, function: Callable[..., Any]) -> None:
+        super().__init__(name=getattr(function, "__name__", "loss"))
+        self.function = function
+
+    def call(self, y_true: Any, y_pred: Any) -> Any:
+        return self.function(y_true, y_pred)
+
+
 def resolve_loss(model: keras.Model, loss: LossSpec, training: bool) -> LossFn:
     """Returns `fn(x, y, y_pred, sample_weight) -> scalar` for `loss`."""
     if isinstance(loss, str) and loss == "model":
@@ -177,20 +191,30 @@ def resolve_loss(model: keras.Model, loss: LossSpec, training: bool) -> LossFn:
             "`loss` must be 'model', 'sum', a Keras loss name, or a callable "
             f"`loss(y_true, y_pred) -> scalar`. Received: loss={loss!r}."
         )
-    loss_object = (
-        loss
-        if isinstance(loss, keras.losses.Loss)
-        else keras.losses.LossFunctionWrapper(loss)
-    )
+    loss_object = loss if isinstance(loss, keras.losses.Loss) else _FunctionLoss(loss)
+
+    function = loss
 
     def callable_loss(x: Any, y: Any, y_pred: Any, sample_weight: Any) -> Tensor:
-        return loss_object(y, y_pred, sample_weight=sample_weight)
+        if y is not None or isinstance(function, keras.losses.Loss):
+            return loss_object(y, y_pred, sample_weight=sample_weight)
+        # A label-free objective such as a class score: `fn(None, y_pred)`,
+        # averaged over the batch (weighted by `sample_weight` if given).
+        values = keras.ops.convert_to_tensor(function(None, y_pred))
+        if sample_weight is not None and len(values.shape) > 0:
+            weights = keras.ops.cast(sample_weight, values.dtype)
+            weights = keras.ops.reshape(weights, (-1,) + (1,) * (len(values.shape) - 1))
+            values = values * weights
+        return keras.ops.mean(values)
 
     return callable_loss
 
 
 def needs_labels(loss: LossSpec) -> bool:
-    return not (isinstance(loss, str) and loss == "sum")
+    """Whether `loss` needs `y` (plain callables may ignore `y_true`)."""
+    if isinstance(loss, str):
+        return loss != "sum"
+    return isinstance(loss, keras.losses.Loss)
 
 
 def standardize(data: Any) -> Any:
@@ -234,6 +258,25 @@ def batch_size(x: Any) -> int | None:
     return None
 
 
+def _declared_inputs(model: keras.Model) -> Any:
+    """The model's input structure (`KerasTensor`s), or None if unknown.
+
+    `Sequential.input` fails until the model has been called on data, so a
+    Sequential model's single input comes from `inputs`.
+    """
+    if not _is_graph_model(model):
+        return None
+    try:
+        inputs = model.inputs
+    except AttributeError:
+        return None
+    if not inputs:
+        return None
+    if isinstance(model, keras.Sequential):
+        return inputs[0]
+    return model.input
+
+
 def check_inputs(model: keras.Model, x: Any) -> None:
     """Checks `x` against the model's declared inputs, before any tracing."""
     if x is None:
@@ -248,21 +291,20 @@ def check_inputs(model: keras.Model, x: Any) -> None:
             "The probe batch is empty: it has 0 examples. Pass at least one "
             f"example. Received: x={describe(x)}."
         )
-    if not _is_graph_model(model) or not model.inputs:
+    declared = _declared_inputs(model)
+    if declared is None:
         return
-    # A Sequential model that was never called has no `model.input`.
-    structure = model.inputs if isinstance(model, keras.Sequential) else model.input
-    specs = keras.tree.flatten(structure)
-    if isinstance(x, dict) and isinstance(structure, dict):
-        missing = sorted(set(structure) - set(x))
+    specs = keras.tree.flatten(declared)
+    if isinstance(x, dict) and isinstance(declared, dict):
+        missing = sorted(set(declared) - set(x))
         if missing:
             raise ValueError(
                 f"The probe batch is missing inputs {missing} of model "
                 f"'{model.name}'. Expected a dict with keys "
-                f"{sorted(structure)}. Received: x={describe(x)}."
+                f"{sorted(declared)}. Received: x={describe(x)}."
             )
-        leaves = [x[name] for name in structure]
-        specs = [structure[name] for name in structure]
+        leaves = [x[name] for name in declared]
+        specs = [declared[name] for name in declared]
     else:
         leaves = keras.tree.flatten(x)
     if len(leaves) != len(specs):
@@ -338,7 +380,8 @@ def check_model(model: keras.Model, loss: LossSpec, y: Any) -> list[GradientProb
     elif needs_labels(loss) and y is None:
         raise ValueError(
             f"`loss={loss!r}` compares predictions with labels, so it needs `y`. "
-            "Pass `y`, or use `loss='sum'`. Received: y=None."
+            "Pass `y`, or use `loss='sum'` or a plain function `loss(y_true, "
+            "y_pred)` that ignores `y_true` (it receives None). Received: y=None."
         )
     return probes
 
@@ -526,7 +569,8 @@ def activation_gradients(
     Args:
         model: A built Keras model with `GradientProbe` layers.
         x: Inputs, as `fit` takes them: an array, a list or a dict of arrays.
-        y: Labels, as `fit` takes them. Needed unless `loss="sum"`.
+        y: Labels, as `fit` takes them. Needed unless `loss="sum"` or `loss`
+            is a plain function that ignores `y_true` (it then gets `None`).
         loss: `"model"` (the compiled training loss, regularization
             included), `"sum"` (the sum of all model outputs, no labels), a
             Keras loss name, or a callable `loss(y_true, y_pred) -> scalar`
