@@ -6,8 +6,10 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import contextlib  # noqa: E402
 import csv  # noqa: E402
 import math  # noqa: E402
+import warnings  # noqa: E402
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -39,10 +41,6 @@ def data(n=32, seed=0):
 
 def grad_norm(result):
     return float(np.sqrt(np.sum(result.gradient.astype(np.float64) ** 2)))
-
-
-def our_warnings(record):
-    return [w for w in record if "keras_actgrad" in w.filename]
 
 
 def test_history_matches_activation_gradients_at_same_weights():
@@ -189,3 +187,365 @@ def test_compiled_once_and_reused_across_fit_calls():
     model.fit(x, y, epochs=1, verbose=0, callbacks=[other])
     assert engine.trace_count == traces
     assert len([e for e in callback.events if e["kind"] == "epoch"]) == 4
+
+
+# Schedules.
+
+
+def probed_epochs(callback, kind="epoch"):
+    return [e["epoch"] for e in callback.events if e["kind"] == kind]
+
+
+@pytest.mark.parametrize(
+    "freq, epochs, expected",
+    [
+        (1, 3, [0, 1, 2]),
+        (3, 5, [0, 3]),
+        ([0, 2], 4, [0, 2]),
+        ((1,), 3, [1]),
+        (lambda epoch: epoch == 3, 4, [3]),
+    ],
+)
+def test_freq(freq, epochs, expected):
+    model = mlp()
+    x, y = data(8)
+    callback = ActivationGradientCallback((x, y), freq=freq, histograms=False)
+    history = model.fit(x, y, epochs=epochs, verbose=0, callbacks=[callback])
+    assert probed_epochs(callback) == expected
+    logged = history.history["actgrad/p0/grad_norm"]
+    assert [i for i, v in enumerate(logged) if not math.isnan(v)] == expected
+
+
+def test_batch_freq_and_probe_at_start():
+    model = mlp()
+    x, y = data(32)
+    initial = keras_actgrad.activation_gradients(model, x[:8], y[:8])
+    callback = ActivationGradientCallback(
+        (x[:8], y[:8]), batch_freq=5, probe_at_start=True, freq=[2], histograms=False
+    )
+    history = model.fit(x, y, epochs=3, batch_size=8, verbose=0, callbacks=[callback])
+    kinds = [(e["kind"], e["epoch"], e["step"]) for e in callback.events]
+    # 4 steps an epoch: global steps 5 and 10; the epoch event comes last.
+    assert kinds == [
+        ("start", None, 0),
+        ("batch", 1, 5),
+        ("batch", 2, 10),
+        ("epoch", 2, 2),
+    ]
+    start = callback.events[0]["statistics"]
+    for probe, result in initial.items():
+        assert start[probe]["grad_norm"] == pytest.approx(grad_norm(result), rel=1e-5)
+    # Batch events do not go to `logs`.
+    assert len(history.history["actgrad/p0/grad_norm"]) == 3
+    batch = callback.to_numpy("batch")
+    assert batch["step"].tolist() == [5, 10]
+    assert batch["actgrad/p1/grad_norm"].shape == (2,)
+    assert np.isnan(callback.to_numpy("start")["epoch"]).all()
+
+
+def test_batch_freq_counts_global_steps_across_fit_calls():
+    model = mlp()
+    x, y = data(24)
+    callback = ActivationGradientCallback((x, y), batch_freq=4, histograms=False)
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[callback])
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[callback])
+    steps = [e["step"] for e in callback.events if e["kind"] == "batch"]
+    assert steps == [4, 8]
+
+
+# Probe data forms.
+
+
+def last_epoch_stats(callback):
+    return [e for e in callback.events if e["kind"] == "epoch"][-1]["statistics"]
+
+
+def assert_matches(callback, model, x, y=None, **kwargs):
+    stats = last_epoch_stats(callback)
+    results = keras_actgrad.activation_gradients(model, x, y, **kwargs)
+    for probe, result in results.items():
+        assert stats[probe]["grad_norm"] == pytest.approx(grad_norm(result), rel=1e-5)
+
+
+def test_tf_data_dataset_first_batch_kept():
+    import tensorflow as tf
+
+    model = mlp()
+    x, y = data(32)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    callback = ActivationGradientCallback(dataset, histograms=False)
+    model.fit(x, y, epochs=2, verbose=0, callbacks=[callback])
+    assert_matches(callback, model, x[:8], y[:8])
+
+
+def test_generator_first_batch_taken_once():
+    model = mlp()
+    x, y = data(32)
+    taken = []
+
+    def batches():
+        for i in range(4):
+            taken.append(i)
+            yield x[8 * i : 8 * (i + 1)], y[8 * i : 8 * (i + 1)]
+
+    callback = ActivationGradientCallback(batches(), histograms=False)
+    model.fit(x, y, epochs=3, verbose=0, callbacks=[callback])
+    assert taken == [0]
+    assert_matches(callback, model, x[:8], y[:8])
+
+
+class _Batches(keras.utils.PyDataset):
+    def __init__(self, x, y):
+        super().__init__()
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        return self.x[8 * index : 8 * (index + 1)], self.y[8 * index : 8 * (index + 1)]
+
+
+def test_py_dataset():
+    model = mlp()
+    x, y = data(32)
+    callback = ActivationGradientCallback(_Batches(x, y), histograms=False)
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[callback])
+    assert_matches(callback, model, x[:8], y[:8])
+
+
+def test_x_alone_with_sum_loss():
+    model = mlp()
+    x, y = data(16)
+    callback = ActivationGradientCallback(x[:4], loss="sum", histograms=False)
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[callback])
+    assert_matches(callback, model, x[:4], loss="sum")
+
+
+def test_dict_inputs():
+    keras.utils.set_random_seed(0)
+    a = keras.Input((3,), name="a")
+    b = keras.Input((2,), name="b")
+    h = keras.layers.Concatenate()([a, b])
+    h = keras.layers.Dense(4, activation="relu")(h)
+    h = keras_actgrad.GradientProbe(name="joined")(h)
+    model = keras.Model({"a": a, "b": b}, keras.layers.Dense(1)(h))
+    model.compile("sgd", "mse")
+    rng = np.random.default_rng(0)
+    x = {
+        "a": rng.normal(size=(8, 3)).astype("float32"),
+        "b": rng.normal(size=(8, 2)).astype("float32"),
+    }
+    y = rng.normal(size=(8, 1)).astype("float32")
+    callback = ActivationGradientCallback((x, y), histograms=False)
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[callback])
+    assert_matches(callback, model, x, y)
+
+
+def test_sample_weights():
+    model = mlp()
+    x, y = data(8)
+    weights = np.array([1, 0, 0, 2, 1, 0, 1, 0], "float32")
+    callback = ActivationGradientCallback((x, y, weights), histograms=False)
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[callback])
+    assert_matches(callback, model, x, y, sample_weight=weights)
+    unweighted = keras_actgrad.activation_gradients(model, x, y)
+    assert last_epoch_stats(callback)["p0"]["grad_norm"] != pytest.approx(
+        grad_norm(unweighted["p0"]), rel=1e-3
+    )
+
+
+# Keras callbacks reading our keys.
+
+
+def test_early_stopping_on_gradient_key():
+    model = mlp()
+    model.compile(keras.optimizers.SGD(0.0), "mse")  # weights stay put
+    x, y = data()
+    callback = ActivationGradientCallback((x, y), histograms=False)
+    # A constant gradient norm does not improve: EarlyStopping stops after
+    # epoch 1, which only happens if it sees the key.
+    stopper = keras.callbacks.EarlyStopping(
+        monitor="actgrad/p1/grad_norm", mode="min", patience=1
+    )
+    history = model.fit(x, y, epochs=5, verbose=0, callbacks=[callback, stopper])
+    assert len(history.history["loss"]) == 2
+    assert stopper.stopped_epoch == 1
+    assert stopper.best == history.history["actgrad/p1/grad_norm"][0]
+
+
+# Training is untouched.
+
+
+def bn_dropout_model():
+    keras.utils.set_random_seed(7)
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(8)(inputs)
+    h = keras.layers.BatchNormalization()(h)
+    h = keras_actgrad.GradientProbe(name="bn")(h)
+    h = keras.layers.Activation("relu")(h)
+    h = keras.layers.Dropout(0.3)(h)
+    h = keras_actgrad.GradientProbe(name="dropped")(h)
+    model = keras.Model(inputs, keras.layers.Dense(2)(h))
+    model.compile(keras.optimizers.Adam(0.01), "mse")
+    return model
+
+
+def fit_state(callbacks):
+    model = bn_dropout_model()
+    x, y = data(48, seed=7)
+    keras.utils.set_random_seed(11)
+    model.fit(x, y, epochs=3, batch_size=8, verbose=0, callbacks=callbacks)
+    return (
+        [v.numpy() for v in model.variables],
+        [v.numpy() for v in model.optimizer.variables],
+    )
+
+
+def test_training_bit_identical_with_and_without_callback():
+    x, y = data(48, seed=7)
+    weights, slots = fit_state([])
+    callback = ActivationGradientCallback(
+        (x[:16], y[:16]),
+        training=True,
+        batch_freq=2,
+        probe_at_start=True,
+        weight_gradients=True,
+    )
+    probed_weights, probed_slots = fit_state([callback])
+    assert len(callback.events) > 5
+    assert len(weights) == len(probed_weights) and len(slots) == len(probed_slots)
+    for a, b in zip(weights, probed_weights, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(slots, probed_slots, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+# Alerts.
+
+
+def sqrt_chain():
+    """p0 -> sqrt|.| -> p1 -> sqrt|.| -> Dense: zeros in x give inf gradients."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((3,))
+    h = keras_actgrad.GradientProbe(name="p0")(inputs)
+    h = keras.layers.Lambda(lambda t: keras.ops.sqrt(keras.ops.abs(t)))(h)
+    h = keras_actgrad.GradientProbe(name="p1")(h)
+    h = keras.layers.Lambda(lambda t: keras.ops.sqrt(keras.ops.abs(t)))(h)
+    model = keras.Model(inputs, keras.layers.Dense(1)(h))
+    model.compile("sgd", "mse")
+    x = np.array([[1.0, 0.0, 2.0], [0.5, 1.0, 0.0]], "float32")
+    y = np.ones((2, 1), "float32")
+    return model, x, y
+
+
+@contextlib.contextmanager
+def recorded():
+    """Records only the warnings keras-actgrad emits."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        ours: list[warnings.WarningMessage] = []
+        yield ours
+    ours.extend(w for w in record if "keras_actgrad" in w.filename)
+
+
+def test_nonfinite_warns_once_naming_first_probe():
+    model, x, y = sqrt_chain()
+    callback = ActivationGradientCallback((x, y), histograms=False)
+    with recorded() as record:
+        history = model.fit(x, y, epochs=3, verbose=0, callbacks=[callback])
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "Non-finite" in message and "probe 'p0'" in message
+    assert "epoch 0" in message
+    assert len(history.history["loss"]) == 3
+    assert last_epoch_stats(callback)["p0"]["nonfinite"] == 2
+
+
+def test_nonfinite_raise():
+    model, x, y = sqrt_chain()
+    callback = ActivationGradientCallback((x, y), on_nonfinite="raise")
+    with pytest.raises(FloatingPointError, match="probe 'p0'"):
+        model.fit(x, y, epochs=3, verbose=0, callbacks=[callback])
+
+
+def test_nonfinite_stop():
+    model, x, y = sqrt_chain()
+    callback = ActivationGradientCallback((x, y), on_nonfinite="stop")
+    with recorded() as record:
+        history = model.fit(x, y, epochs=5, verbose=0, callbacks=[callback])
+    assert len(history.history["loss"]) == 1
+    assert "Training stops" in str(record[0].message)
+
+
+def test_finite_gradients_give_no_alert():
+    model = mlp()
+    x, y = data()
+    with recorded() as record:
+        model.fit(
+            x, y, epochs=2, verbose=0, callbacks=[ActivationGradientCallback((x, y))]
+        )
+    assert record == []
+
+
+def scaled_chain(scale):
+    """Two linear layers of kernel `scale * I` between the first and last probe.
+
+    d loss / d p0 = scale**2 * d loss / d p2 exactly, so grad_norm(p0) /
+    grad_norm(p2) = scale**2.
+    """
+    keras.utils.set_random_seed(0)
+    init = keras.initializers.Identity(gain=scale)
+    inputs = keras.Input((4,))
+    h = keras_actgrad.GradientProbe(name="p0")(inputs)
+    h = keras.layers.Dense(4, kernel_initializer=init, use_bias=False)(h)
+    h = keras_actgrad.GradientProbe(name="p1")(h)
+    h = keras.layers.Dense(4, kernel_initializer=init, use_bias=False)(h)
+    h = keras_actgrad.GradientProbe(name="p2")(h)
+    model = keras.Model(inputs, keras.layers.Dense(1)(h))
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    return model
+
+
+@pytest.mark.parametrize("scale, alert", [(1e-3, "Vanishing"), (1e3, "Exploding")])
+def test_vanishing_and_exploding(scale, alert):
+    model = scaled_chain(scale)
+    x, y = data(8)
+    callback = ActivationGradientCallback((x, y), histograms=False)
+    with recorded() as record:
+        model.fit(x, y, epochs=3, verbose=0, callbacks=[callback])
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert message.startswith(alert) and "'p0'" in message and "'p2'" in message
+    stats = last_epoch_stats(callback)
+    ratio = stats["p0"]["grad_norm"] / stats["p2"]["grad_norm"]
+    assert ratio == pytest.approx(scale**2, rel=1e-4)
+
+
+def test_thresholds_are_configurable():
+    model = scaled_chain(1e-3)
+    x, y = data(8)
+    callback = ActivationGradientCallback(
+        (x, y), histograms=False, vanishing_threshold=1e-7
+    )
+    with recorded() as record:
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[callback])
+    assert record == []
+
+
+def test_deep_sigmoid_net_vanishes():
+    keras.utils.set_random_seed(0)
+    layers = [keras.Input((8,))]
+    for i in range(12):
+        layers.append(keras.layers.Dense(8, activation="sigmoid"))
+        if i in (0, 11):
+            layers.append(keras_actgrad.GradientProbe(name=f"p{i}"))
+    layers.append(keras.layers.Dense(1))
+    model = keras.Sequential(layers)
+    model.compile("sgd", "mse")
+    x = np.random.default_rng(0).normal(size=(16, 8)).astype("float32")
+    y = np.ones((16, 1), "float32")
+    callback = ActivationGradientCallback((x, y), histograms=False)
+    with recorded() as record:
+        model.fit(x, y, epochs=2, verbose=0, callbacks=[callback])
+    assert [str(w.message).split(" ")[0] for w in record] == ["Vanishing"]

@@ -1,0 +1,275 @@
+"""TensorBoard output, read back with TensorBoard's own reader and server."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import contextlib  # noqa: E402
+import errno  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+import warnings  # noqa: E402
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import (  # noqa: E402
+    EventAccumulator,
+)
+from tensorboard.util import tensor_util  # noqa: E402
+
+import keras_actgrad  # noqa: E402
+from keras_actgrad import ActivationGradientCallback  # noqa: E402
+
+
+def model_and_data(seed=0):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(6, activation="relu", name="d0")(inputs)
+    h = keras_actgrad.GradientProbe(name="p0")(h)
+    h = keras.layers.Dense(6, activation="tanh", name="d1")(h)
+    h = keras_actgrad.GradientProbe(name="p1")(h)
+    outputs = keras.layers.Dense(2, name="head")(h)
+    model = keras.Model(inputs, outputs)
+    model.compile(keras.optimizers.SGD(0.05), "mse")
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(32, 4)).astype("float32")
+    y = rng.normal(size=(32, 2)).astype("float32")
+    return model, x, y
+
+
+@contextlib.contextmanager
+def our_warnings():
+    """Records the warnings keras-actgrad emits (others are third-party noise)."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        ours: list[warnings.WarningMessage] = []
+        yield ours
+    ours.extend(w for w in record if "keras_actgrad" in w.filename)
+
+
+def read(directory):
+    accumulator = EventAccumulator(str(directory), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def values(accumulator, tag):
+    return [
+        (event.step, tensor_util.make_ndarray(event.tensor_proto))
+        for event in accumulator.Tensors(tag)
+    ]
+
+
+def test_scalars_histograms_and_probe_order(tmp_path):
+    model, x, y = model_and_data()
+    callback = ActivationGradientCallback(
+        (x[:16], y[:16]), log_dir=str(tmp_path), statistics=["grad_norm", "act_mean"]
+    )
+    model.fit(x, y, epochs=3, batch_size=8, verbose=0, callbacks=[callback])
+    accumulator = read(tmp_path / "actgrad")
+    tags = set(accumulator.Tags()["tensors"])
+    for probe in ("p0", "p1"):
+        for name in ("grad_norm", "act_mean", "gradient", "activation"):
+            assert f"actgrad/{probe}/{name}" in tags
+        assert f"actgrad/{probe}/grad_std" not in tags
+    assert "actgrad/probe_order" in tags
+    order = values(accumulator, "actgrad/probe_order")[-1][1].item()
+    assert json.loads(order) == ["p0", "p1"]
+    # The last epoch's values equal a fresh computation at the final weights.
+    results = keras_actgrad.activation_gradients(model, x[:16], y[:16])
+    for probe, result in results.items():
+        series = values(accumulator, f"actgrad/{probe}/grad_norm")
+        assert [step for step, _ in series] == [0, 1, 2]
+        expected = np.sqrt(np.sum(result.gradient.astype(np.float64) ** 2))
+        assert float(series[-1][1]) == pytest.approx(expected, rel=1e-5)
+        step, buckets = values(accumulator, f"actgrad/{probe}/gradient")[-1]
+        assert step == 2 and buckets.shape == (30, 3)
+        assert buckets[:, 2].sum() == result.gradient.size
+        assert buckets[0, 0] == pytest.approx(result.gradient.min(), rel=1e-5)
+        assert buckets[-1, 1] == pytest.approx(result.gradient.max(), rel=1e-5)
+        np.testing.assert_allclose(buckets[1:, 0], buckets[:-1, 1])
+        plugin = accumulator.SummaryMetadata(f"actgrad/{probe}/gradient")
+        assert plugin.plugin_data.plugin_name == "histograms"
+        plugin = accumulator.SummaryMetadata(f"actgrad/{probe}/grad_norm")
+        assert plugin.plugin_data.plugin_name == "scalars"
+
+
+def test_start_batch_and_weight_prefixes(tmp_path):
+    model, x, y = model_and_data()
+    callback = ActivationGradientCallback(
+        (x, y),
+        log_dir=str(tmp_path),
+        probe_at_start=True,
+        batch_freq=3,
+        freq=[1],
+        weight_gradients=True,
+        histograms=False,
+    )
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[callback])
+    accumulator = read(tmp_path / "actgrad")
+    tags = set(accumulator.Tags()["tensors"])
+    assert [s for s, _ in values(accumulator, "actgrad_start/p0/grad_norm")] == [0]
+    # 4 steps an epoch, 8 in all: steps 3 and 6.
+    batch_steps = [s for s, _ in values(accumulator, "actgrad_batch/p1/grad_norm")]
+    assert batch_steps == [3, 6]
+    assert [s for s, _ in values(accumulator, "actgrad/p1/grad_norm")] == [1]
+    assert "actgrad_weights/d0/kernel/grad_norm" in tags
+    assert "actgrad_weights_start/head/kernel/grad_norm" in tags
+    assert "actgrad_weights_batch/d1/bias/grad_norm" in tags
+    assert not any(tag.endswith("/gradient") for tag in tags)
+    # Same values in TensorBoard as in memory.
+    start = [e for e in callback.events if e["kind"] == "start"][0]
+    written = float(values(accumulator, "actgrad_start/p0/grad_norm")[0][1])
+    assert written == pytest.approx(start["statistics"]["p0"]["grad_norm"], rel=1e-6)
+    norm = float(values(accumulator, "actgrad_weights/d0/kernel/grad_norm")[0][1])
+    epoch = [e for e in callback.events if e["kind"] == "epoch"][0]
+    assert norm == pytest.approx(epoch["weight_grad_norms"]["d0/kernel"], rel=1e-6)
+
+
+def test_beside_keras_tensorboard(tmp_path):
+    model, x, y = model_and_data()
+    callback = ActivationGradientCallback((x, y), log_dir=str(tmp_path))
+    model.fit(
+        x,
+        y,
+        epochs=2,
+        verbose=0,
+        callbacks=[callback, keras.callbacks.TensorBoard(str(tmp_path))],
+    )
+    assert {"actgrad", "train"} <= set(os.listdir(tmp_path))
+    ours = read(tmp_path / "actgrad").Tags()["tensors"]
+    keras_tags = read(tmp_path / "train").Tags()["tensors"]
+    assert "actgrad/p0/grad_norm" in ours
+    assert "epoch_loss" in keras_tags
+    # Keras's TensorBoard also logs our `logs` keys, as it does any metric.
+    assert "epoch_actgrad/p0/grad_norm" in keras_tags
+
+
+class _RemoveLogDir(keras.callbacks.Callback):
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 0:
+            shutil.rmtree(self.path)
+
+
+def test_removed_log_dir_warns_once_and_training_continues(tmp_path):
+    model, x, y = model_and_data()
+    log_dir = tmp_path / "logs"
+    callback = ActivationGradientCallback((x, y), log_dir=str(log_dir))
+    with our_warnings() as record:
+        history = model.fit(
+            x,
+            y,
+            epochs=4,
+            verbose=0,
+            callbacks=[callback, _RemoveLogDir(str(log_dir))],
+        )
+    assert len(record) == 1
+    assert "could not write TensorBoard" in str(record[0].message)
+    assert "no longer exists" in str(record[0].message)
+    assert len(history.history["loss"]) == 4
+    assert all(np.isfinite(history.history["actgrad/p1/grad_norm"]))
+    assert len(callback.events) == 4
+
+
+class _FullDisk:
+    def write(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def flush(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def close(self):
+        pass
+
+
+class _FillDisk(keras.callbacks.Callback):
+    def __init__(self, target):
+        super().__init__()
+        self.target = target
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 0:
+            self.target._writer._file.close()
+            self.target._writer._file = _FullDisk()
+
+
+def test_full_disk_warns_once_and_training_continues(tmp_path):
+    model, x, y = model_and_data()
+    callback = ActivationGradientCallback((x, y), log_dir=str(tmp_path))
+    with our_warnings() as record:
+        history = model.fit(
+            x, y, epochs=3, verbose=0, callbacks=[callback, _FillDisk(callback)]
+        )
+    assert len(record) == 1
+    assert "No space left" in str(record[0].message)
+    assert len(history.history["actgrad/p0/grad_norm"]) == 3
+    steps = [s for s, _ in values(read(tmp_path / "actgrad"), "actgrad/p0/grad_norm")]
+    assert steps == [0]
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tensorboard_server_lists_our_tags(tmp_path):
+    model, x, y = model_and_data()
+    callback = ActivationGradientCallback((x, y), log_dir=str(tmp_path))
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[callback])
+    port = _free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            str(tmp_path),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--load_fast",
+            "false",
+            "--reload_interval",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        tags = {}
+        while time.monotonic() < deadline:
+            try:
+                url = f"http://127.0.0.1:{port}/data/plugin/scalars/tags"
+                with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310
+                    tags = json.loads(response.read())
+            except OSError:
+                tags = {}
+            if "actgrad/p1/grad_norm" in tags.get("actgrad", {}):
+                break
+            if process.poll() is not None:
+                pytest.fail(f"tensorboard exited with code {process.returncode}")
+            time.sleep(0.5)
+        assert "actgrad/p0/grad_norm" in tags["actgrad"]
+        assert "actgrad/p1/grad_norm" in tags["actgrad"]
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
