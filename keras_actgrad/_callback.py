@@ -66,8 +66,10 @@ class ActivationGradientCallback(keras.callbacks.Callback):
             batches, of which the first batch is taken once, here.
         log_dir: String, the TensorBoard log directory (the one given to
             `keras.callbacks.TensorBoard`, if any). Summaries go to
-            `<log_dir>/actgrad/`. `None` writes no summaries. Defaults to
-            `None`.
+            `<log_dir>/actgrad/`. `None` writes no summaries. Under a
+            multi-worker `tf.distribute` strategy only the chief writes; the
+            other workers compute the same statistics and `logs`. Defaults
+            to `None`.
         freq: When to probe, by 0-based epoch index: an int `N` (epochs
             with `epoch % N == 0`), a list of epoch indices, or a callable
             `epoch -> bool`. Defaults to `1` (every epoch).
@@ -248,7 +250,11 @@ class ActivationGradientCallback(keras.callbacks.Callback):
         if self._device_data is None:
             self._device_data = _to_device(self._x, self._y, self._sample_weight)
         reduced = self._probe()
-        if self.log_dir is not None and self._writer is None:
+        if (
+            self.log_dir is not None
+            and self._writer is None
+            and _writes_summaries(self.model)
+        ):
             from keras_actgrad._tensorboard import EventWriter
 
             try:
@@ -507,6 +513,21 @@ def _check_freq(freq: Any) -> FreqSpec:
         "a list of 0-based epoch indices (ints >= 0), or a callable "
         f"`epoch -> bool`. Received: freq={freq!r}."
     )
+
+
+def _writes_summaries(model: keras.Model) -> bool:
+    """False on the non-chief workers of a multi-worker `tf.distribute` run.
+
+    Keras's TensorFlow trainer exposes the model's strategy; its
+    `extended.should_save_summary` is False on every worker but the chief
+    (`MultiWorkerMirroredStrategy`) and True otherwise.
+    """
+    strategy = getattr(model, "distribute_strategy", None)
+    extended = getattr(strategy, "extended", None)
+    try:
+        return bool(getattr(extended, "should_save_summary", True))
+    except NotImplementedError:
+        return True
 
 
 def _global_step(model: keras.Model) -> int:

@@ -8,6 +8,7 @@ on a single-device copy with the same weights.
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -22,18 +23,53 @@ pytestmark = pytest.mark.skipif(
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(scope="module")
-def mirrored():
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("localhost", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def start(script, *args):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow")
-    completed = subprocess.run(
-        [sys.executable, os.path.join(HERE, "_mirrored_run.py")],
-        capture_output=True,
+    return subprocess.Popen(
+        [sys.executable, os.path.join(HERE, script), *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=300,
         env=env,
     )
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def result(process):
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    assert process.returncode == 0, stderr[-4000:]
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Starts the mirrored run and the two workers at once; waits for all."""
+    root = tmp_path_factory.mktemp("multiworker")
+    ports = ",".join(map(str, free_ports(2)))
+    processes = {
+        "mirrored": start("_mirrored_run.py"),
+        "chief": start("_multiworker_run.py", 0, ports, root / "chief"),
+        "worker": start("_multiworker_run.py", 1, ports, root / "worker"),
+    }
+    return {name: result(process) for name, process in processes.items()}
+
+
+@pytest.fixture(scope="module")
+def mirrored(runs):
+    return runs["mirrored"]
 
 
 def test_model_is_really_mirrored(mirrored):
@@ -60,3 +96,15 @@ def test_callback_during_mirrored_fit(mirrored):
         assert reference > 0, name
         assert logged == pytest.approx(reference, rel=1e-5), name
     assert len(mirrored["event_files"]) == 1
+
+
+def test_multiworker_only_the_chief_writes_summaries(runs):
+    chief, worker = runs["chief"], runs["worker"]
+    assert chief["replicas"] == worker["replicas"] == 2
+    assert chief["should_save_summary"] and not worker["should_save_summary"]
+    assert chief["wrote"] and not worker["wrote"]
+    # Every worker probes locally and fills `logs` with the same values, so
+    # decisions taken on them (EarlyStopping, on_nonfinite="stop") agree.
+    assert chief["events"] == worker["events"] == 1
+    assert chief["grad_norm"] == worker["grad_norm"]
+    assert chief["grad_norm"] == pytest.approx(chief["reference_grad_norm"], rel=1e-5)
