@@ -107,15 +107,16 @@ def main() -> None:
 
     results = keras_actgrad.activation_gradients(model, examples, loss=minus_score)
     saliency = -results["pixels"].gradient  # (32, 64): d score_k / d pixel
-    mean_map = np.abs(saliency).mean(axis=0).reshape(8, 8)
+    # Where brightening a pixel raises the score of class k, on average.
+    raises = np.maximum(saliency.mean(axis=0), 0.0).reshape(8, 8)
     mean_digit = examples.mean(axis=0).reshape(8, 8)
     print(
-        f"saliency for class {k} (mean |d score_{k} / d pixel| over "
-        f"{len(examples)} examples), next to the mean digit {k}:"
+        f"saliency for class {k} (mean d score_{k} / d pixel over "
+        f"{len(examples)} examples, positive part), next to the mean digit {k}:"
     )
-    for left, right in zip(shade(mean_map), shade(mean_digit), strict=True):
+    for left, right in zip(shade(raises), shade(mean_digit), strict=True):
         print(f"  {left}    {right}")
-    top = np.argsort(mean_map.ravel())[::-1][:3]
+    top = np.argsort(raises.ravel())[::-1][:3]
     print(
         "most salient pixels (row, column): "
         + ", ".join(f"({i // 8}, {i % 8})" for i in top)

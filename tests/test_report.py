@@ -75,7 +75,10 @@ def test_load_report_reads_the_contract(tmp_path):
     assert report.probes == PROBES
     assert report.epochs == EPOCHS
     assert set(report.statistics) == {
-        "grad_norm", "nonfinite", "dead_unit_fraction", "act_std"
+        "grad_norm",
+        "nonfinite",
+        "dead_unit_fraction",
+        "act_std",
     }
     matrix = report.matrix("grad_norm")
     expected = [[grad_norm(i, e) for e in EPOCHS] for i in range(len(PROBES))]
@@ -89,9 +92,7 @@ def test_table_rows_values_trend_and_alerts(tmp_path, capsys):
     log_dir = write_contract_events(tmp_path)
     assert main(["report", log_dir]) == 0
     header, table = rows(capsys.readouterr().out)
-    assert header.split() == [
-        "probe", "epoch", "0", "epoch", "4", "trend", "alerts"
-    ]
+    assert header.split() == ["probe", "epoch", "0", "epoch", "4", "trend", "alerts"]
     assert list(table) == PROBES  # forward order, not alphabetical
     # logits_probe: 0.5 * 4 * 1 = 2 at epoch 0, 2 * 5 = 10 at epoch 4.
     assert table["logits_probe"].split()[1:5] == ["2", "10", "\u2191", "x5"]
@@ -208,7 +209,10 @@ def test_python_m_entry_point_exit_2_without_traceback(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     done = subprocess.run(
         [sys.executable, "-m", "keras_actgrad", "report", str(missing)],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
     assert done.returncode == 2
@@ -219,3 +223,41 @@ def test_python_m_entry_point_exit_2_without_traceback(tmp_path):
         "the `log_dir` given to `ActivationGradientCallback`. "
         f"Received: log_dir='{missing}'."
     ]
+
+
+def test_report_of_a_real_callback_run(tmp_path, capsys):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,))
+    h = keras.layers.Dense(8, activation="tanh", name="first")(inputs)
+    h = keras.layers.Dense(4, activation="tanh", name="second")(h)
+    outputs = keras.layers.Dense(3, name="head")(h)
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer="sgd", loss="mse")
+    model = keras_actgrad.insert_probes(model)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 6)).astype("float32")
+    y = rng.normal(size=(32, 3)).astype("float32")
+    callback = keras_actgrad.ActivationGradientCallback(
+        (x[:16], y[:16]), log_dir=str(tmp_path), freq=[0, 2], histograms=False
+    )
+    model.fit(x, y, epochs=3, batch_size=8, callbacks=[callback], verbose=0)
+    report = keras_actgrad.load_report(str(tmp_path))
+    assert report.probes == ["first_probe", "second_probe", "head_probe"]
+    assert report.epochs == [0, 2]
+    # The last probed epoch is the end of training: recompute its gradients
+    # with `activation_gradients` and take the L2 norm in NumPy.
+    results = keras_actgrad.activation_gradients(model, x[:16], y[:16])
+    for probe in report.probes:
+        want = np.linalg.norm(results[probe].gradient)
+        got = report.values["grad_norm"][probe][2]
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        dead = np.mean(np.all(results[probe].activation == 0, axis=0))
+        assert report.values["dead_unit_fraction"][probe][2] == pytest.approx(dead)
+    assert main(["report", str(tmp_path), "--png", str(tmp_path / "r.png")]) == 0
+    header, table = rows(capsys.readouterr().out)
+    assert header.split()[:5] == ["probe", "epoch", "0", "epoch", "2"]
+    assert list(table) == report.probes
+    want = f"{np.linalg.norm(results['head_probe'].gradient):.3g}"
+    assert table["head_probe"].split()[2] == want
