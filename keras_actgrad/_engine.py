@@ -458,6 +458,8 @@ class ProbeEngine:
         self._functions: dict[Hashable, Callable[[Any, Any, Any], Any]] = {}
         self.trace_count = 0
         self.probe_order: list[str] = []
+        # The model's probes as the last `run` found them (in `check_model`).
+        self.probes: list[GradientProbe] = []
         self.differentiable: dict[str, bool] = {}
         self._warned: set[str] = set()
 
@@ -490,7 +492,7 @@ class ProbeEngine:
     def run(self, x: Any, y: Any, sample_weight: Any, config: PassConfig) -> Any:
         """Runs one probe pass; returns the reducer's output (backend tensors)."""
         model = self.model
-        check_model(model, config.loss, y)
+        self.probes = check_model(model, config.loss, y)
         check_inputs(model, x)
         x, y, sample_weight = standardize(x), standardize(y), standardize(sample_weight)
         function = self.function(config)
@@ -512,7 +514,7 @@ class ProbeEngine:
 
     def _warn_about_probes(self, model: keras.Model) -> None:
         reached = set(self.probe_order)
-        for probe in find_probes(model):
+        for probe in self.probes:
             if probe.name not in reached and probe.name not in self._warned:
                 self._warned.add(probe.name)
                 warnings.warn(
@@ -615,7 +617,7 @@ def activation_gradients(
             activation=to_numpy(activation),
             gradient=None if gradient is None else to_numpy(gradient),
         )
-    for probe in find_probes(model):
+    for probe in engine.probes:
         if probe.name not in results:
             results[probe.name] = ActivationGradient(activation=None, gradient=None)
     return results

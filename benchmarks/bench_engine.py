@@ -1,0 +1,163 @@
+"""Benchmark: one probe pass against a training step and the naive approach.
+
+On a 10 x Dense(512) ReLU MLP with a probe after every hidden layer (10
+probes), batch 512, everything warm, this times side by side in one process:
+
+- `train_on_batch`: one training step (forward, backward, optimizer update);
+- `activation_gradients`: every probe's activation and d loss / d activation
+  (the compiled training loss), as NumPy arrays;
+- the naive eager approach of the question that started this project, done
+  right: one `tf.GradientTape` per probe over the model split by hand at that
+  probe, with the real loss.
+
+Targets (issue 2): `activation_gradients` / `train_on_batch` <= 1.0 and at
+least 10x faster than the naive approach. Times are medians of several
+interleaved runs.
+
+Usage:
+
+    python benchmarks/bench_engine.py            # full run
+    python benchmarks/bench_engine.py --quick    # a few reps, for a smoke check
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_actgrad  # noqa: E402
+
+DEPTH, WIDTH, BATCH, CLASSES = 10, 512, 512, 10
+
+
+def build_model() -> keras.Model:
+    keras.utils.set_random_seed(0)
+    layers: list[keras.layers.Layer] = [keras.Input((WIDTH,))]
+    for index in range(DEPTH):
+        layers.append(
+            keras.layers.Dense(WIDTH, activation="relu", name=f"dense_{index}")
+        )
+        layers.append(keras_actgrad.GradientProbe(name=f"dense_{index}_probe"))
+    layers.append(keras.layers.Dense(CLASSES, name="logits"))
+    model = keras.Sequential(layers, name="mlp")
+    model.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def naive_gradients(model: keras.Model, x: np.ndarray, y: np.ndarray) -> dict:
+    """One eager tape per probe over the model split by hand at the probe."""
+    import tensorflow as tf
+
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    dense = [model.get_layer(f"dense_{i}") for i in range(DEPTH)]
+    head = model.get_layer("logits")
+    results = {}
+    for probe in range(DEPTH):
+        h = tf.constant(x)
+        for layer in dense[: probe + 1]:
+            h = layer(h)
+        with tf.GradientTape() as tape:
+            tape.watch(h)
+            out = h
+            for layer in dense[probe + 1 :]:
+                out = layer(out)
+            loss = loss_fn(y, head(out))
+        results[f"dense_{probe}_probe"] = (h.numpy(), tape.gradient(loss, h).numpy())
+    return results
+
+
+def median_times(
+    functions: dict[str, Callable[[], object]], reps: int
+) -> dict[str, float]:
+    """Median wall time of each function over `reps` interleaved rounds."""
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(reps):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            function()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few reps (smoke check)")
+    parser.add_argument("--reps", type=int, default=None, help="timed rounds")
+    args = parser.parse_args(argv)
+    reps = args.reps or (3 if args.quick else 20)
+    naive_reps = max(1, reps // 4) if args.quick else max(3, reps // 4)
+
+    model = build_model()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(BATCH, WIDTH)).astype("float32")
+    y = rng.integers(0, CLASSES, size=(BATCH,)).astype("int32")
+
+    def train() -> object:
+        return model.train_on_batch(x, y)
+
+    def probe() -> object:
+        return keras_actgrad.activation_gradients(model, x, y)
+
+    def naive() -> object:
+        return naive_gradients(model, x, y)
+
+    # Warm up: trace and compile everything once (twice for good measure).
+    for _ in range(2):
+        train()
+        probe()
+        naive()
+    # Sanity: the two ways of measuring agree.
+    fast, slow = probe(), naive()
+    for name, (activation, gradient) in slow.items():
+        np.testing.assert_allclose(
+            fast[name].activation, activation, rtol=1e-4, atol=1e-6
+        )
+        np.testing.assert_allclose(fast[name].gradient, gradient, rtol=1e-3, atol=1e-9)
+
+    timed = median_times({"train": train, "probe": probe}, reps)
+    timed.update(median_times({"naive": naive}, naive_reps))
+    ratio = timed["probe"] / timed["train"]
+    speedup = timed["naive"] / timed["probe"]
+
+    print(
+        f"keras-actgrad engine benchmark: {DEPTH} x Dense({WIDTH}) ReLU, "
+        f"{DEPTH} probes, batch {BATCH}, backend {keras.backend.backend()}, "
+        f"medians of {reps} runs ({naive_reps} for naive)"
+    )
+    rows = [
+        ("train_on_batch", timed["train"], "1.00x", ""),
+        (
+            "activation_gradients",
+            timed["probe"],
+            f"{ratio:.2f}x",
+            "target <= 1.00x train_on_batch: " + ("met" if ratio <= 1.0 else "MISSED"),
+        ),
+        (
+            "naive eager (tape per probe)",
+            timed["naive"],
+            f"{timed['naive'] / timed['train']:.2f}x",
+            f"activation_gradients is {speedup:.1f}x faster (target >= 10x): "
+            + ("met" if speedup >= 10 else "MISSED"),
+        ),
+    ]
+    print(f"{'approach':<30} {'median ms':>10} {'vs train':>9}  note")
+    for name, seconds, relative, note in rows:
+        print(f"{name:<30} {seconds * 1e3:>10.1f} {relative:>9}  {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
