@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import numbers
 import os
@@ -109,6 +110,13 @@ class ActivationGradientCallback(keras.callbacks.Callback):
             Defaults to `1e-4`.
         exploding_threshold: Warn (once per run) when that ratio rises
             above this. Defaults to `1e4`.
+        profile_images: Whether to also write, at every epoch event, an
+            image `actgrad/grad_norm_profile` for TensorBoard's Images tab:
+            every probe's `grad_norm` as a bar chart on a log scale, so the
+            layer where the gradient vanishes stands out. Needs `log_dir`
+            and matplotlib (`pip install "keras-actgrad[report]"`). Off by
+            default: drawing costs about 0.1 s per event on a CPU, more
+            than a probe pass of a small model. Defaults to `False`.
 
     Attributes:
         events: List of the recorded probe events, each a dict with keys
@@ -151,6 +159,7 @@ class ActivationGradientCallback(keras.callbacks.Callback):
         histogram_bins: int = DEFAULT_BINS,
         vanishing_threshold: float = 1e-4,
         exploding_threshold: float = 1e4,
+        profile_images: bool = False,
     ) -> None:
         super().__init__()
         self.freq = _check_freq(freq)
@@ -217,6 +226,20 @@ class ActivationGradientCallback(keras.callbacks.Callback):
                 f"Received: log_dir={log_dir!r}."
             )
         self.log_dir = None if log_dir is None else os.fspath(log_dir)
+        if profile_images and self.log_dir is None:
+            raise ValueError(
+                "`profile_images=True` writes TensorBoard images, so it needs "
+                "`log_dir`. Pass `log_dir=...` or drop `profile_images`. "
+                "Received: profile_images=True, log_dir=None."
+            )
+        if profile_images and importlib.util.find_spec("matplotlib") is None:
+            raise ImportError(
+                "`profile_images=True` draws its bar charts with matplotlib, "
+                "which is not installed. Install it with "
+                "`pip install \"keras-actgrad[report]\"` or drop `profile_images`. "
+                "Received: profile_images=True."
+            )
+        self.profile_images = bool(profile_images)
         self.histograms = bool(histograms)
         self.histogram_bins = int(histogram_bins)
         self.weight_gradients = bool(weight_gradients)
@@ -258,7 +281,7 @@ class ActivationGradientCallback(keras.callbacks.Callback):
             from keras_actgrad._tensorboard import EventWriter
 
             try:
-                self._writer = EventWriter(self.log_dir)
+                self._writer = EventWriter(self.log_dir, self.profile_images)
             except OSError as error:
                 raise ValueError(
                     "ActivationGradientCallback cannot write TensorBoard summaries "

@@ -379,25 +379,37 @@ def _logged(report: Report, statistic: str, i: int, j: int) -> bool:
     return epoch in report.values[statistic].get(probe, {})
 
 
-def profile_image(
+def profile_png(
     probes: Sequence[str], grad_norms: Sequence[float], title: str
-) -> np.ndarray:
-    """A bar chart of `grad_norms` per probe (log scale) as an RGBA uint8 array.
+) -> tuple[bytes, int, int]:
+    """A bar chart of `grad_norms` per probe (log scale), PNG-encoded.
 
-    Used for TensorBoard's Images tab; probes in forward order, left to right.
+    Probes in forward order, left to right; zero or non-finite values are
+    drawn as short red bars labelled with their value. When a probe falls
+    within 10x of the vanishing threshold (`VANISHING_RATIO` times the last
+    probe's `grad_norm`), the threshold is drawn as a dashed line. Used for
+    TensorBoard's Images tab (`profile_images=True` in the callback).
+
+    Returns:
+        `(png_bytes, width, height)`.
     """
-    import matplotlib
+    import io
 
-    matplotlib.use("Agg", force=False)
     from matplotlib import figure
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     values = np.asarray(grad_norms, dtype=float)
-    fig = figure.Figure(
-        figsize=(max(4.0, 1.5 + 0.45 * len(probes)), 3.2), dpi=100,
-        layout="constrained",
+    # Fixed margins (a constrained layout costs several times the drawing):
+    # room below the axes for the 45-degree probe names.
+    labels_inches = (max((len(p) for p in probes), default=4) * 3.0 + 12) / 72
+    width = max(4.0, 1.4 + 0.4 * len(probes))
+    height = 2.4 + labels_inches
+    fig = figure.Figure(figsize=(width, height), dpi=90)
+    fig.subplots_adjust(
+        left=0.8 / width, right=1 - 0.15 / width,
+        bottom=(labels_inches + 0.45) / height, top=1 - 0.35 / height,
     )
-    canvas = FigureCanvasAgg(fig)
+    FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     good = np.isfinite(values) & (values > 0)
     floor = values[good].min() / 10 if good.any() else 1e-8
@@ -408,11 +420,20 @@ def profile_image(
             bar.set_color("#c0392b")
             ax.annotate(_number(value), (bar.get_x() + bar.get_width() / 2, floor),
                         ha="center", va="bottom", fontsize=8, color="#c0392b")
+    reference = values[-1] if len(values) else math.nan
+    if math.isfinite(reference) and reference > 0:
+        threshold = VANISHING_RATIO * reference
+        if good.any() and values[good].min() < 10 * threshold:
+            ax.axhline(threshold, color="#c0392b", linestyle="--", linewidth=1,
+                       label=f"vanishing: {VANISHING_RATIO:g} x last probe")
+            ax.legend(loc="upper left", fontsize=8, frameon=False)
     ax.set_yscale("log")
     ax.set_xticks(range(len(probes)), list(probes), rotation=45, ha="right",
                   fontsize=8)
+    ax.set_xlabel("probe (forward order)")
     ax.set_ylabel("grad_norm (log scale)")
     ax.set_title(title, loc="left", fontsize=10)
-    canvas.draw()  # type: ignore[no-untyped-call]
-    rgba = canvas.buffer_rgba()  # type: ignore[no-untyped-call]
-    return np.asarray(rgba, dtype=np.uint8).copy()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    width, height = (int(round(v)) for v in fig.get_size_inches() * fig.dpi)
+    return buffer.getvalue(), width, height

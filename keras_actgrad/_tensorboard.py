@@ -19,6 +19,10 @@ What it writes, per probe event (the contract `_report.py` reads):
 - scalars `<weights prefix>/<variable path>/grad_norm`.
 - text `actgrad/probe_order` (epoch events): a JSON list of probe names in
   forward order.
+- image `actgrad/grad_norm_profile` (epoch events, only with
+  `profile_images=True`): every probe's `grad_norm` as a bar chart on a log
+  scale, stored as `tf.summary.image` stores it (a string tensor
+  `[width, height, png]` with the `images` plugin metadata).
 
 `<prefix>` is `actgrad` (epoch events, step = epoch index), `actgrad_start`
 (`probe_at_start`, step = global step before the first update) or
@@ -48,6 +52,7 @@ WEIGHT_PREFIXES = {
     "batch": "actgrad_weights_batch",
 }
 PROBE_ORDER_TAG = "actgrad/probe_order"
+PROFILE_IMAGE_TAG = "actgrad/grad_norm_profile"
 SUBDIRECTORY = "actgrad"
 
 _file_counter = 0
@@ -81,7 +86,7 @@ class EventWriter:
     disk full) warns once and turns the writer off; training is unaffected.
     """
 
-    def __init__(self, log_dir: str) -> None:
+    def __init__(self, log_dir: str, profile_images: bool = False) -> None:
         global _file_counter
         from tensorboard.compat.proto import event_pb2
 
@@ -97,6 +102,7 @@ class EventWriter:
         self._file = self._open(self.path)
         self.active = True
         self._metadata: dict[str, Any] = {}
+        self.profile_images = profile_images
         self._write_record(
             event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")
         )
@@ -139,6 +145,8 @@ class EventWriter:
                 from tensorboard.plugins.scalar import metadata
             elif plugin == "histograms":
                 from tensorboard.plugins.histogram import metadata
+            elif plugin == "images":
+                from tensorboard.plugins.image import metadata
             else:
                 from tensorboard.plugins.text import metadata
             self._metadata[plugin] = metadata.create_summary_metadata(
@@ -215,10 +223,48 @@ class EventWriter:
                 metadata=self._plugin_metadata("text"),
                 tensor=tensor_util.make_tensor_proto(json.dumps(list(probe_order))),
             )
+            image = self._profile_image(step, reduced, probe_order)
+            if image is not None:
+                summary.value.add(
+                    tag=PROFILE_IMAGE_TAG,
+                    metadata=self._plugin_metadata("images"),
+                    tensor=tensor_util.make_tensor_proto(image),
+                )
         self._write_record(
             event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary)
         )
         self._file.flush()
+
+    def _profile_image(
+        self, step: int, reduced: Reduced, probe_order: Sequence[str]
+    ) -> np.ndarray | None:
+        """`[width, height, png]` of the grad_norm bar chart, or None.
+
+        A failed drawing warns once and turns the images off; the scalars
+        and histograms are still written.
+        """
+        if not self.profile_images:
+            return None
+        try:
+            from keras_actgrad._report import profile_png
+
+            norms = [
+                reduced.statistics.get(probe, {}).get("grad_norm", np.nan)
+                for probe in probe_order
+            ]
+            png, width, height = profile_png(
+                probe_order, norms, f"grad_norm by probe, epoch {step}"
+            )
+        except Exception as error:  # noqa: BLE001 - the scalars still go out
+            self.profile_images = False
+            warnings.warn(
+                "ActivationGradientCallback could not draw the grad_norm profile "
+                "image (`profile_images=True`) and stops drawing it for this run; "
+                f"scalars and histograms are still written. Cause: {error!r}",
+                stacklevel=4,
+            )
+            return None
+        return np.array([str(width).encode(), str(height).encode(), png], dtype=object)
 
     def _fail(self, error: BaseException) -> None:
         self.active = False

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -261,3 +262,98 @@ def test_report_of_a_real_callback_run(tmp_path, capsys):
     assert list(table) == report.probes
     want = f"{np.linalg.norm(results['head_probe'].gradient):.3g}"
     assert table["head_probe"].split()[2] == want
+
+
+def small_probed_model():
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,))
+    h = keras.layers.Dense(8, activation="tanh", name="first")(inputs)
+    outputs = keras.layers.Dense(3, name="head")(h)
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer="sgd", loss="mse")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 6)).astype("float32")
+    y = rng.normal(size=(16, 3)).astype("float32")
+    return keras_actgrad.insert_probes(model), x, y
+
+
+def test_profile_images_in_tensorboard(tmp_path):
+    import io
+
+    from matplotlib import image
+    from tensorboard.backend.event_processing import event_accumulator as ea
+    from tensorboard.util import tensor_util
+
+    model, x, y = small_probed_model()
+    callback = keras_actgrad.ActivationGradientCallback(
+        (x, y), log_dir=str(tmp_path), histograms=False, profile_images=True
+    )
+    model.fit(x, y, epochs=2, batch_size=8, callbacks=[callback], verbose=0)
+    accumulator = ea.EventAccumulator(
+        str(tmp_path / "actgrad"), size_guidance={ea.TENSORS: 0}
+    )
+    accumulator.Reload()
+    tag = "actgrad/grad_norm_profile"
+    assert accumulator.SummaryMetadata(tag).plugin_data.plugin_name == "images"
+    events = accumulator.Tensors(tag)
+    assert [event.step for event in events] == [0, 1]
+    for event in events:
+        width, height, png = tensor_util.make_ndarray(event.tensor_proto)
+        pixels = image.imread(io.BytesIO(png))
+        assert pixels.shape[:2] == (int(height), int(width))
+
+
+def test_profile_png_draws_log_scale_bars():
+    import io
+
+    from matplotlib import image
+
+    from keras_actgrad._report import profile_png
+
+    png, width, height = profile_png(
+        ["big", "small", "broken"], [1e-1, 1e-4, float("nan")], "t"
+    )
+    pixels = image.imread(io.BytesIO(png))[..., :3]
+    assert pixels.shape[:2] == (height, width)
+    blue = np.all(np.abs(pixels - np.array([0x2A, 0x78, 0x8E]) / 255) < 0.02, axis=-1)
+    red = np.all(np.abs(pixels - np.array([0xC0, 0x39, 0x2B]) / 255) < 0.02, axis=-1)
+    columns = np.flatnonzero(blue.any(axis=0))
+    bars = np.split(columns, np.flatnonzero(np.diff(columns) > 1) + 1)
+    assert len(bars) == 2
+    heights = [blue[:, bar].sum(axis=0).max() for bar in bars]
+    # Log scale from 1e-5 (a tenth of the smallest value): 4 decades against
+    # 1 decade, so the first bar is about 4 times as tall.
+    assert 3.5 < heights[0] / heights[1] < 4.5
+    assert red[:, columns.max() + 5 :].any()  # the NaN bar, in red, to the right
+
+
+def test_profile_images_needs_log_dir():
+    with pytest.raises(ValueError, match="needs `log_dir`"):
+        keras_actgrad.ActivationGradientCallback(
+            (np.zeros((2, 6)), np.zeros((2, 3))), profile_images=True
+        )
+
+
+def test_failed_profile_image_warns_and_keeps_scalars(tmp_path, monkeypatch):
+    from keras_actgrad import _report
+
+    def broken(*args):
+        raise RuntimeError("no display")
+
+    monkeypatch.setattr(_report, "profile_png", broken)
+    model, x, y = small_probed_model()
+    callback = keras_actgrad.ActivationGradientCallback(
+        (x, y), log_dir=str(tmp_path), histograms=False, profile_images=True
+    )
+    # (`pytest.warns` would re-emit third-party warnings as errors.)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, epochs=2, batch_size=8, callbacks=[callback], verbose=0)
+    ours = [
+        w for w in caught if "could not draw the grad_norm profile" in str(w.message)
+    ]
+    assert len(ours) == 1 and "no display" in str(ours[0].message)  # warned once
+    report = keras_actgrad.load_report(str(tmp_path))
+    assert report.epochs == [0, 1]
