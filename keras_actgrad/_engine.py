@@ -217,10 +217,33 @@ def needs_labels(loss: LossSpec) -> bool:
     return isinstance(loss, keras.losses.Loss)
 
 
+def _as_arrays(data: Any) -> Any:
+    """Nested Python lists of numbers become NumPy arrays, as in `fit`.
+
+    (A `tf.function` would otherwise treat every number as a constant and
+    retrace for each new value.)
+    """
+    if isinstance(data, dict):
+        return {key: _as_arrays(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        leaves = keras.tree.flatten(data)
+        if leaves and all(isinstance(v, (bool, int, float, np.number)) for v in leaves):
+            try:
+                return np.asarray(data)
+            except ValueError:  # ragged: leave it to the model to complain
+                return data
+        return type(data)(_as_arrays(value) for value in data)
+    return data
+
+
 def standardize(data: Any) -> Any:
-    """Converts NumPy float64 leaves to `floatx()`, as Keras data adapters do."""
+    """Converts NumPy float64 leaves to `floatx()`, as Keras data adapters do.
+
+    Nested Python lists of numbers are converted to arrays first.
+    """
     if data is None:
         return None
+    data = _as_arrays(data)
     floatx = keras.config.floatx()
 
     def convert(leaf: Any) -> Any:
@@ -329,6 +352,26 @@ def check_inputs(model: keras.Model, x: Any) -> None:
                 f"shape {shape}. Pass arrays shaped like the model's inputs, "
                 f"as `fit` takes them. Received: x={describe(x)}."
             )
+
+
+def check_batch_sizes(x: Any, y: Any, sample_weight: Any) -> None:
+    """Checks that x, y and sample_weight hold the same number of examples."""
+    sizes: dict[str, set[int]] = {}
+    for label, data in (("x", x), ("y", y), ("sample_weight", sample_weight)):
+        for leaf in keras.tree.flatten(data) if data is not None else []:
+            shape = _shape(leaf)
+            if shape and shape[0] is not None:
+                sizes.setdefault(label, set()).add(int(shape[0]))
+    found = set().union(*sizes.values()) if sizes else set()
+    if len(found) > 1:
+        counts = ", ".join(f"{label}: {sorted(n)}" for label, n in sizes.items())
+        raise ValueError(
+            "The arrays of the probe batch hold different numbers of examples "
+            f"({counts}). Every array in `x`, `y` and `sample_weight` needs the "
+            "same first (batch) dimension. "
+            f"Received: x={describe(x)}, y={describe(y)}, "
+            f"sample_weight={describe(sample_weight)}."
+        )
 
 
 def check_model(model: keras.Model, loss: LossSpec, y: Any) -> list[GradientProbe]:
@@ -493,8 +536,9 @@ class ProbeEngine:
         """Runs one probe pass; returns the reducer's output (backend tensors)."""
         model = self.model
         self.probes = check_model(model, config.loss, y)
-        check_inputs(model, x)
         x, y, sample_weight = standardize(x), standardize(y), standardize(sample_weight)
+        check_inputs(model, x)
+        check_batch_sizes(x, y, sample_weight)
         function = self.function(config)
         traces = self.trace_count
         try:

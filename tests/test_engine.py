@@ -690,7 +690,7 @@ def test_probing_leaves_all_state_untouched(training):
         optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["acc"]
     )
     x, labels = rng_normal((16, 4)), np.arange(16) % 3
-    model.fit(x, labels, epochs=1, verbose=0)  # optimizer slots, metrics, seeds
+    model.train_on_batch(x, labels)  # optimizer slots, metrics, seeds move
     before = _state(model)
     first = activation_gradients(model, x, labels, training=training)
     second = activation_gradients(model, x, labels, training=training)
@@ -804,3 +804,38 @@ def test_sequential_never_called_before_the_probe_pass():
     got = activation_gradients(model, x, y)["p"]
     # loss = mean((h - y)^2) over 8 entries, so dL/dh = 2 / 8 * (h - y).
     np.testing.assert_allclose(got.gradient, 0.25 * (got.activation - y), rtol=1e-6)
+
+
+def test_unbuilt_model():
+    model = Subclassed()
+    with pytest.raises(ValueError, match="not been built") as info:
+        activation_gradients(model, np.ones((2, 3), "float32"), loss="sum")
+    assert "model.build" in str(info.value)
+    assert "Received:" in str(info.value)
+
+
+def test_inconsistent_batch_sizes():
+    a, b = keras.Input((2,), name="a"), keras.Input((3,), name="b")
+    joined = keras.layers.Concatenate()([a, b])
+    model = keras.Model([a, b], GradientProbe(name="p")(joined))
+    model.compile(loss="mse")
+    x = [np.ones((2, 2), "float32"), np.ones((3, 3), "float32")]
+    with pytest.raises(ValueError, match="different numbers of examples") as info:
+        activation_gradients(model, x, loss="sum")
+    assert "(2, 2)" in str(info.value) and "(3, 3)" in str(info.value)
+    x = [np.ones((2, 2), "float32"), np.ones((2, 3), "float32")]
+    with pytest.raises(ValueError, match="y: \\[4\\]"):
+        activation_gradients(model, x, np.ones((4, 5), "float32"))
+    with pytest.raises(ValueError, match="takes 2 input"):
+        activation_gradients(model, x[0], loss="sum")
+
+
+def test_python_lists_are_arrays_and_do_not_retrace():
+    model = _classifier()
+    engine = get_engine(model)
+    x = rng_normal((2, 4))
+    want = activation_gradients(model, x, loss="sum")["p"].gradient
+    got = activation_gradients(model, x.tolist(), loss="sum")["p"].gradient
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    activation_gradients(model, (x + 1).tolist(), loss="sum")
+    assert engine.trace_count == 1
