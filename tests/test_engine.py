@@ -15,6 +15,13 @@ import tensorflow as tf
 from keras_actgrad import GradientProbe, activation_gradients, insert_probes
 from keras_actgrad._engine import get_engine
 
+# The references are TensorFlow tapes; the JAX and PyTorch engines are checked
+# against the TensorFlow one in test_backends.py.
+pytestmark = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="references use tf.GradientTape (other backends: test_backends.py)",
+)
+
 # --- helpers ------------------------------------------------------------------
 
 
