@@ -352,6 +352,46 @@ def check_inputs(model: keras.Model, x: Any) -> None:
                 f"shape {shape}. Pass arrays shaped like the model's inputs, "
                 f"as `fit` takes them. Received: x={describe(x)}."
             )
+        kind = getattr(getattr(leaf, "dtype", None), "kind", None)
+        if _is_numeric_spec(spec) and kind is not None and kind not in "biuf":
+            raise ValueError(
+                f"The probe batch does not fit model '{model.name}': input "
+                f"'{getattr(spec, 'name', '?')}' expects numbers of dtype "
+                f"{spec.dtype}, but the array given for it has dtype "
+                f"{leaf.dtype}, which cannot be converted to it. Pass numeric "
+                f"arrays (e.g. `x.astype('{spec.dtype}')`). "
+                f"Received: x={describe(x)}."
+            )
+
+
+def _declared_outputs(model: keras.Model) -> list[tuple[Any, ...]] | None:
+    if not _is_graph_model(model):
+        return None
+    try:
+        return [tuple(output.shape) for output in keras.tree.flatten(model.outputs)]
+    except (AttributeError, ValueError):
+        return None
+
+
+def _is_numeric_spec(spec: Any) -> bool:
+    dtype = str(getattr(spec, "dtype", ""))
+    return dtype == "bool" or dtype.startswith(("int", "uint", "float", "bfloat"))
+
+
+def check_labels(y: Any, sample_weight: Any, loss: LossSpec) -> None:
+    """Checks that `y` and `sample_weight` hold numbers."""
+    if not needs_labels(loss):
+        return
+    for argument, value in (("y", y), ("sample_weight", sample_weight)):
+        for leaf in keras.tree.flatten(value) if value is not None else []:
+            kind = getattr(getattr(leaf, "dtype", None), "kind", None)
+            if kind is not None and kind not in "biuf":
+                raise ValueError(
+                    f"`{argument}` must hold numbers, but it has an array of "
+                    f"dtype {leaf.dtype}. Encode labels as numbers (e.g. class "
+                    f"indices) as `fit` needs them. Received: "
+                    f"{argument}={describe(value)}."
+                )
 
 
 def check_batch_sizes(x: Any, y: Any, sample_weight: Any) -> None:
@@ -539,17 +579,20 @@ class ProbeEngine:
         x, y, sample_weight = standardize(x), standardize(y), standardize(sample_weight)
         check_inputs(model, x)
         check_batch_sizes(x, y, sample_weight)
+        check_labels(y, sample_weight, config.loss)
         function = self.function(config)
-        traces = self.trace_count
         try:
             result = function(x, y, sample_weight)
         except (ValueError, TypeError) as error:
-            if self.trace_count == traces and traces > 0:
-                raise
+            # A failed trace never reaches `on_trace`, so `trace_count` cannot
+            # tell a trace-time error from a run-time one: wrap them all.
+            outputs = _declared_outputs(model)
             raise ValueError(
                 f"The probe pass of model '{model.name}' failed: {error}\n"
                 "Check that `x` and `y` are shaped as `fit` takes them for this "
-                "model and that the loss fits its outputs. "
+                "model and that the loss fits its outputs"
+                + ("" if outputs is None else f" (output shapes: {outputs})")
+                + ". "
                 f"Received: x={describe(x)}, y={describe(y)}, "
                 f"sample_weight={describe(sample_weight)}, loss={config.loss!r}."
             ) from error

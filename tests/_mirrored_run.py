@@ -93,9 +93,7 @@ def main():
     callback = keras_actgrad.ActivationGradientCallback(
         (px, py), log_dir=log_dir, statistics=["grad_norm"], histograms=False
     )
-    history = model.fit(
-        x, y, epochs=2, batch_size=16, verbose=0, callbacks=[callback]
-    )
+    history = model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[callback])
     report["trained"] = bool(
         not np.allclose(model.get_layer("d1").kernel.numpy(), single.get_weights()[0])
     )
