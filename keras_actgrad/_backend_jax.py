@@ -233,6 +233,11 @@ class JaxAdapter:
         jitted = jax.jit(step)
 
         def function(x: Any, y: Any, sample_weight: Any) -> Any:
+            # Mid-`fit`, Keras's JAX trainer keeps the weights outside the
+            # variables; attach them (as `Callback.model` does).
+            sync = getattr(model, "jax_state_sync", None)
+            if sync is not None:
+                sync()
             trainable = [v.value for v in model.trainable_variables]
             non_trainable = [v.value for v in model.non_trainable_variables]
             return jitted(

@@ -12,7 +12,9 @@ The pass runs eagerly (no `torch.compile`): Keras layers recompile poorly
 under TorchDynamo, and a probe pass is one forward and one backward, the
 same work as a training step. Nothing outlives the call: the reducer sees
 detached tensors and runs under `torch.no_grad()`, so no autograd graph, and
-no tensor of it, is kept. Parameters' `.grad` are never touched.
+no tensor of it, is kept. Parameters' `.grad` are never touched, and the
+global random generator is restored after the pass (an unseeded `Dropout`
+draws from it).
 
 There is no trace in eager mode; to keep `trace_count` meaning the same on
 every backend, `on_trace` fires once per new input signature (shapes and
@@ -40,6 +42,10 @@ def _signature(data: Any) -> Any:
         (tuple(getattr(leaf, "shape", ())), str(getattr(leaf, "dtype", type(leaf))))
         for leaf in keras.tree.flatten(data)
     )
+
+
+def _cuda_devices() -> list[int]:
+    return [torch.cuda.current_device()] if torch.cuda.is_available() else []
 
 
 def _detach(value: Any) -> Any:
@@ -77,7 +83,9 @@ class TorchAdapter:
                 tapped.append(Tapped(name, output, True, output))
                 return output
 
-            with torch.enable_grad():
+            # An unseeded Dropout draws from torch's global generator: fork it,
+            # so the probe pass leaves the training's random stream untouched.
+            with torch.random.fork_rng(devices=_cuda_devices()), torch.enable_grad():
                 with probe_scope(model):
                     y_pred = forward(model, x, config.training, tap)
                     loss = loss_fn(x, y, y_pred, sample_weight)

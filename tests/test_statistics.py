@@ -101,7 +101,8 @@ def test_statistics_match_numpy_definitions():
                 err_msg=f"{probe}/{name}",
             )
     # The constructed dead units are seen, and the closed form is exact.
-    assert reduced.statistics["hidden_out"]["dead_unit_fraction"] >= 2 / 5
+    # (1 - 3/5 is 0.39999998 in float32 on some backends.)
+    assert reduced.statistics["hidden_out"]["dead_unit_fraction"] >= 2 / 5 - 1e-6
 
 
 def test_histograms_match_numpy():
@@ -165,6 +166,10 @@ def test_probe_without_gradient_gives_nan():
     assert np.isfinite(reduced.statistics["embedded"]["grad_norm"])
 
 
+@pytest.mark.requires_tensorflow(
+    reason="the reference is a tf.GradientTape; JAX and PyTorch weight gradients "
+    "are compared with TensorFlow's in test_backends.py"
+)
 def test_weight_gradient_norms_match_tape():
     import tensorflow as tf
 
