@@ -69,8 +69,9 @@ def main() -> None:
     shutil.rmtree(args.log_dir, ignore_errors=True)  # one run per log dir
     callbacks = [
         # A fixed probe batch, so that epochs are comparable.
+        # The grad_norm bar chart per epoch in TensorBoard's Images tab.
         keras_actgrad.ActivationGradientCallback(
-            (x[:256], y[:256]), log_dir=args.log_dir
+            (x[:256], y[:256]), log_dir=args.log_dir, profile_images=True
         ),
         keras.callbacks.TensorBoard(log_dir=args.log_dir),
     ]

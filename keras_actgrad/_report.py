@@ -317,15 +317,17 @@ def plot_heatmap(report: Report, path: str, statistic: str = "grad_norm") -> Non
     import matplotlib
 
     matplotlib.use("Agg", force=False)
-    from matplotlib import colors, figure
+    from matplotlib import colors, figure, ticker
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     data = report.matrix(statistic)
     alerts = report.alerts()
     n_probes, n_epochs = data.shape
     positive = data[np.isfinite(data) & (data > 0)]
+    labels_inches = 0.08 * max((len(p) + 14 for p in report.probes), default=10)
+    height = 1.6 + 0.42 * n_probes
     fig = figure.Figure(
-        figsize=(min(16.0, 3.2 + 0.6 * max(n_epochs, 4)), 1.6 + 0.42 * n_probes),
+        figsize=(min(18.0, labels_inches + 2.2 + 0.55 * max(n_epochs, 6)), height),
         dpi=100,
         layout="constrained",
     )
@@ -357,8 +359,14 @@ def plot_heatmap(report: Report, path: str, statistic: str = "grad_norm") -> Non
     ax.set_ylabel("probe (forward order, input at top)")
     ax.set_title(f"{statistic} per probe and epoch", loc="left")
     if norm is not None:
-        bar = fig.colorbar(image, ax=ax, pad=0.02)
+        bar = fig.colorbar(image, ax=ax, pad=0.02, aspect=max(20.0, 8 * height))
         bar.set_label(f"{statistic} (log scale)")
+        plain = ticker.FuncFormatter(lambda value, _: _number(value, digits=2))
+        bar.ax.yaxis.set_major_formatter(plain)
+        if norm.vmax / norm.vmin < 30:  # under ~1.5 decades: label minor ticks
+            bar.ax.yaxis.set_minor_formatter(plain)
+        else:
+            bar.ax.yaxis.set_minor_formatter(ticker.NullFormatter())
     if n_probes * n_epochs <= 300 and n_epochs <= 24:
         for i in range(n_probes):
             for j in range(n_epochs):
