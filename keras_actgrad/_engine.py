@@ -624,17 +624,22 @@ class ProbeEngine:
                 )
 
 
-_engines: weakref.WeakKeyDictionary[keras.Model, ProbeEngine] = (
-    weakref.WeakKeyDictionary()
-)
+_ENGINE_ATTRIBUTE = "_keras_actgrad_engine"
 
 
 def get_engine(model: keras.Model) -> ProbeEngine:
-    """Returns the model's probe engine, creating it on first use."""
-    engine = _engines.get(model)
-    if engine is None:
+    """Returns the model's probe engine, creating it on first use.
+
+    The engine lives on the model (a plain attribute, untracked by Keras):
+    its compiled functions reference the model, so a global cache keyed by
+    the model would keep every probed model alive; on the model, the two
+    form a cycle the garbage collector frees with the model.
+    """
+    engine = model.__dict__.get(_ENGINE_ATTRIBUTE)
+    # (A copied model may carry its original's engine: never reuse that.)
+    if not isinstance(engine, ProbeEngine) or engine._model_ref() is not model:
         engine = ProbeEngine(model)
-        _engines[model] = engine
+        object.__setattr__(model, _ENGINE_ATTRIBUTE, engine)
     return engine
 
 

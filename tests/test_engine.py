@@ -7,6 +7,10 @@ float64 on the same hand-split tail, or a closed form. Losses in the
 references are written by hand, not taken from `model.compute_loss`.
 """
 
+import copy
+import gc
+import weakref
+
 import keras
 import numpy as np
 import pytest
@@ -846,3 +850,25 @@ def test_python_lists_are_arrays_and_do_not_retrace():
     np.testing.assert_allclose(got, want, rtol=1e-6)
     activation_gradients(model, (x + 1).tolist(), loss="sum")
     assert engine.trace_count == 1
+
+
+def test_probed_model_is_garbage_collected():
+    # Regression: a global engine cache keyed by the model kept every probed
+    # model (and its weights) alive through the compiled functions.
+    model = _classifier()
+    activation_gradients(model, rng_normal((2, 4)), loss="sum")
+    reference = weakref.ref(model)
+    del model
+    gc.collect()
+    assert reference() is None
+
+
+def test_copied_model_gets_its_own_engine():
+    model = _classifier()
+    x = rng_normal((2, 4))
+    before = activation_gradients(model, x, loss="sum")["p"].gradient
+    clone = copy.copy(model)  # shares __dict__ entries, including the engine
+    assert get_engine(clone) is not get_engine(model)
+    np.testing.assert_allclose(
+        activation_gradients(clone, x, loss="sum")["p"].gradient, before, rtol=1e-6
+    )
