@@ -335,6 +335,7 @@ def plot_heatmap(report: Report, path: str, statistic: str = "grad_norm") -> Non
     ax = fig.add_subplot()
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#d9d9d9")
     norm = None
+    low = high = 1.0
     if positive.size:
         low, high = float(positive.min()), float(positive.max())
         if high <= low * 1.0001:
@@ -363,7 +364,7 @@ def plot_heatmap(report: Report, path: str, statistic: str = "grad_norm") -> Non
         bar.set_label(f"{statistic} (log scale)")
         plain = ticker.FuncFormatter(lambda value, _: _number(value, digits=2))
         bar.ax.yaxis.set_major_formatter(plain)
-        if norm.vmax / norm.vmin < 30:  # under ~1.5 decades: label minor ticks
+        if high / low < 30:  # under ~1.5 decades: label the minor ticks too
             bar.ax.yaxis.set_minor_formatter(plain)
         else:
             bar.ax.yaxis.set_minor_formatter(ticker.NullFormatter())
