@@ -262,6 +262,8 @@ class ActivationGradientCallback(keras.callbacks.Callback):
         self._epoch_start_step = 0
         self._epoch = 0
         self._device_data: tuple[Any, Any, Any] | None = None
+        self._checked_model: keras.Model | None = None
+        self._reached: list[str] = []
 
     # Keras hooks.
 
@@ -272,7 +274,12 @@ class ActivationGradientCallback(keras.callbacks.Callback):
         self._epoch_start_step = self._step
         if self._device_data is None:
             self._device_data = _to_device(self._x, self._y, self._sample_weight)
-        reduced = self._probe()
+        # The checks: one probe pass before the first batch (once per model;
+        # a later `fit` reuses the checked, compiled pass).
+        reduced = None
+        if self.probe_at_start or self._checked_model is not self.model:
+            reduced = self._probe()
+            self._checked_model = self.model
         if (
             self.log_dir is not None
             and self._writer is None
@@ -288,7 +295,7 @@ class ActivationGradientCallback(keras.callbacks.Callback):
                     f"to `log_dir`: {error}. Pass a writable directory, or "
                     f"log_dir=None to write none. Received: log_dir={self.log_dir!r}."
                 ) from error
-        if self.probe_at_start:
+        if self.probe_at_start and reduced is not None:
             self._record("start", None, self._step, reduced)
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
@@ -353,9 +360,12 @@ class ActivationGradientCallback(keras.callbacks.Callback):
             else []
         )
         reduced = self._reducer.unpack(vector, engine.probe_order, weight_paths)
-        order = list(engine.probe_order)
-        order += [p.name for p in find_probes(self.model) if p.name not in order]
-        self.probe_order = order
+        if self._reached != engine.probe_order:
+            # Probes the forward pass never reached go last (NaN statistics).
+            self._reached = list(engine.probe_order)
+            order = list(engine.probe_order)
+            order += [p.name for p in find_probes(self.model) if p.name not in order]
+            self.probe_order = order
         return reduced
 
     def _record(

@@ -197,3 +197,28 @@ def test_log_key_and_names():
     assert check_statistics(["act_mean", "act_mean"], "statistics") == ("act_mean",)
     with pytest.raises(ValueError, match=r"grad_nrom.*Accepted names.*grad_norm"):
         check_statistics(["grad_nrom"], "statistics")
+
+
+def run_histogram(values, bins):
+    from keras_actgrad._statistics import _unpack_histogram, histogram
+
+    out = keras.ops.convert_to_numpy(
+        histogram(keras.ops.convert_to_tensor(values), bins)
+    )
+    return _unpack_histogram(out)
+
+
+def test_histogram_edge_cases():
+    # One value everywhere: one nonempty bin, range of width 0.
+    low, high, counts = run_histogram(np.full((3, 4), 2.5, "float32"), 5)
+    assert (low, high) == (2.5, 2.5) and counts.sum() == 12
+    # Nothing finite: no counts, no range.
+    low, high, counts = run_histogram(np.array([np.nan, np.inf], "float32"), 5)
+    assert np.isnan(low) and np.isnan(high) and counts.sum() == 0
+    # Mixed: non-finite entries are left out; the maximum is in the last bin.
+    values = np.array([0.0, 1.0, np.nan, 2.0, 4.0, -np.inf], "float32")
+    low, high, counts = run_histogram(values, 4)
+    assert (low, high) == (0.0, 4.0)
+    assert counts.tolist() == [1, 1, 1, 1]  # np.histogram([0, 1, 2, 4], 4)
+    low, high, counts = run_histogram(np.array([0.0, 0.5, 3.0, 4.0], "float32"), 4)
+    assert counts.tolist() == [2, 0, 0, 2]

@@ -1,0 +1,181 @@
+"""Benchmark: the cost of `ActivationGradientCallback` events and fits.
+
+On the reference MLP (10 x Dense(512) ReLU, a probe after every hidden
+layer, batch 512), everything warm, side by side in one process:
+
+- one probe event (the probe pass, the on-device statistics, the host
+  transfer and the bookkeeping of `on_epoch_end`) with the default
+  statistics (all of them), with histograms, and with `weight_gradients`,
+  each against one `train_on_batch` on the same batch;
+- `fit` with the callback probing every epoch (16 steps an epoch,
+  histograms and TensorBoard writing on) against `fit` without it;
+- an event with 10 probes against an event with 1 probe (after the first
+  layer, so the backward pass is as long).
+
+Targets (issue 3): event / train_on_batch <= 0.8 (default statistics),
+<= 1.0 (histograms), <= 1.2 (weight gradients); fit with / without <= 1.05;
+10 probes / 1 probe <= 1.3. Times are medians of interleaved runs.
+
+Usage:
+
+    python benchmarks/bench_callback.py            # full run
+    python benchmarks/bench_callback.py --quick    # a few reps, smoke check
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_actgrad  # noqa: E402
+
+DEPTH, WIDTH, BATCH, CLASSES, STEPS = 10, 512, 512, 10, 16
+
+
+def build_model(probes: int = DEPTH) -> keras.Model:
+    """The reference MLP with a probe after the first `probes` hidden layers."""
+    keras.utils.set_random_seed(0)
+    layers: list[keras.layers.Layer] = [keras.Input((WIDTH,))]
+    for index in range(DEPTH):
+        layers.append(
+            keras.layers.Dense(WIDTH, activation="relu", name=f"dense_{index}")
+        )
+        if index < probes:
+            layers.append(keras_actgrad.GradientProbe(name=f"dense_{index}_probe"))
+    layers.append(keras.layers.Dense(CLASSES, name="logits"))
+    model = keras.Sequential(layers, name="mlp")
+    model.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def median_times(
+    functions: dict[str, Callable[[], object]], reps: int
+) -> dict[str, float]:
+    """Median wall time of each function over `reps` interleaved rounds."""
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(reps):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            function()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def event(
+    model: keras.Model, data: tuple[np.ndarray, np.ndarray], **kwargs: object
+) -> Callable[[], object]:
+    """One epoch event of a callback attached to `model` (as `fit` would)."""
+    callback = keras_actgrad.ActivationGradientCallback(data, **kwargs)  # type: ignore[arg-type]
+    callback.set_model(model)
+    callback.on_train_begin()
+    logs: dict[str, float] = {}
+
+    def run() -> object:
+        callback.events.clear()
+        callback.on_epoch_end(0, logs)
+        return logs
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few reps (smoke check)")
+    parser.add_argument("--reps", type=int, default=None, help="timed rounds")
+    args = parser.parse_args(argv)
+    reps = args.reps or (3 if args.quick else 15)
+    fit_reps = max(2, reps // 3)
+    epochs = 2 if args.quick else 3
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(BATCH * STEPS, WIDTH)).astype("float32")
+    y = rng.integers(0, CLASSES, size=(BATCH * STEPS,)).astype("int32")
+    batch = (x[:BATCH], y[:BATCH])
+
+    model = build_model()
+    one_probe = build_model(probes=1)
+    functions: dict[str, Callable[[], object]] = {
+        "train": lambda: model.train_on_batch(*batch),
+        "event": event(model, batch, histograms=False),
+        "histograms": event(model, batch, histograms=True),
+        "weights": event(model, batch, histograms=False, weight_gradients=True),
+        "event_1_probe": event(one_probe, batch, histograms=True),
+        "event_10_probes": event(model, batch, histograms=True),
+    }
+    for function in functions.values():  # warm up (trace, compile)
+        function()
+        function()
+    timed = median_times(functions, reps)
+
+    with tempfile.TemporaryDirectory() as log_dir:
+        callback = keras_actgrad.ActivationGradientCallback(
+            batch, log_dir=log_dir, histograms=True
+        )
+
+        def fit_with() -> object:
+            return model.fit(
+                x, y, batch_size=BATCH, epochs=epochs, verbose=0,
+                callbacks=[callback], shuffle=False,
+            )
+
+        def fit_without() -> object:
+            return model.fit(
+                x, y, batch_size=BATCH, epochs=epochs, verbose=0, shuffle=False
+            )
+
+        fit_with()
+        fit_without()
+        timed.update(
+            median_times({"fit_without": fit_without, "fit_with": fit_with}, fit_reps)
+        )
+
+    train = timed["train"]
+    rows = [
+        ("train_on_batch", train, 1.0, None, "train_on_batch"),
+        ("event, all statistics", timed["event"], timed["event"] / train, 0.8,
+         "train_on_batch"),
+        ("event, + histograms", timed["histograms"], timed["histograms"] / train, 1.0,
+         "train_on_batch"),
+        ("event, + weight_gradients", timed["weights"], timed["weights"] / train, 1.2,
+         "train_on_batch"),
+        (f"fit without callback ({epochs} ep)", timed["fit_without"], 1.0, None,
+         "fit without"),
+        (f"fit with callback ({epochs} ep)", timed["fit_with"],
+         timed["fit_with"] / timed["fit_without"], 1.05, "fit without"),
+        ("event, 1 probe (histograms)", timed["event_1_probe"], 1.0, None,
+         "1 probe"),
+        ("event, 10 probes (histograms)", timed["event_10_probes"],
+         timed["event_10_probes"] / timed["event_1_probe"], 1.3, "1 probe"),
+    ]
+    print(
+        f"keras-actgrad callback benchmark: {DEPTH} x Dense({WIDTH}) ReLU, "
+        f"batch {BATCH}, {STEPS} steps an epoch, backend "
+        f"{keras.backend.backend()}, medians of {reps} runs ({fit_reps} for fit)"
+    )
+    print(f"{'measurement':<34} {'median ms':>10} {'ratio':>7}  {'vs':<15} target")
+    for name, seconds, ratio, target, versus in rows:
+        verdict = ""
+        if target is not None:
+            verdict = f"<= {target:.2f}: " + ("met" if ratio <= target else "MISSED")
+        print(
+            f"{name:<34} {seconds * 1e3:>10.1f} {ratio:>6.2f}x  {versus:<15} {verdict}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
