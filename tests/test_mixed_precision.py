@@ -172,3 +172,42 @@ def test_float32_model_gradients_are_not_scaled():
         np.testing.assert_allclose(
             results[name].gradient, reference[name], rtol=1e-5, atol=1e-7
         )
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_callback_statistics_match_float32_copy(global_policy, policy):
+    global_policy(policy)
+    keras.utils.set_random_seed(6)
+
+    def tiny_loss(y_true, y_pred):
+        # Small enough to underflow in an unscaled float16 backward pass.
+        return 1e-6 * keras.losses.mean_squared_error(y_true, y_pred)
+
+    model = build(loss=tiny_loss)
+    x, y = data(scale=0.01)
+    callback = keras_actgrad.ActivationGradientCallback(
+        (x, y),
+        statistics=["grad_norm", "grad_max_abs", "act_mean", "nonfinite"],
+        log_statistics=["grad_norm", "grad_max_abs", "act_mean"],
+        histograms=False,
+    )
+    history = model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[callback])
+    copy = float32_copy(model, loss=tiny_loss)
+    reference = hand_split(copy, x, y, tiny_loss)
+    d1 = copy.get_layer("d1")(x).numpy().astype(np.float64)
+    rtol = TOLERANCE[policy]
+    for name in ("hidden", "features"):
+        gradient = reference[name].astype(np.float64)
+        norm = np.sqrt(np.sum(gradient**2))
+        logged = history.history[f"actgrad/{name}/grad_norm"][-1]
+        assert norm > 0
+        assert logged == pytest.approx(norm, rel=rtol)
+        assert history.history[f"actgrad/{name}/grad_max_abs"][-1] == pytest.approx(
+            np.abs(gradient).max(), rel=rtol
+        )
+        assert callback.events[-1]["statistics"][name]["nonfinite"] == 0
+    # Statistics are reduced in float32: the mean of a half-precision
+    # activation matches the float32 copy's to half precision, not worse.
+    assert history.history["actgrad/hidden/act_mean"][-1] == pytest.approx(
+        d1.mean(), rel=rtol, abs=rtol * np.abs(d1).mean()
+    )
