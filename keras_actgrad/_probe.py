@@ -58,6 +58,7 @@ class GradientProbe(keras.layers.Layer):
         self.built = True
 
     def call(self, inputs: Any) -> Any:
+        self._check_single_tensor(inputs)
         tap = current_tap()
         if tap is None:
             return inputs
@@ -67,10 +68,18 @@ class GradientProbe(keras.layers.Layer):
         return input_shape
 
     def compute_output_spec(self, inputs: Any) -> Any:
-        return keras.tree.map_structure(
-            lambda x: keras.KerasTensor(x.shape, dtype=x.dtype, sparse=x.sparse),
-            inputs,
-        )
+        self._check_single_tensor(inputs)
+        return keras.KerasTensor(inputs.shape, dtype=inputs.dtype, sparse=inputs.sparse)
+
+    def _check_single_tensor(self, inputs: Any) -> None:
+        if isinstance(inputs, (list, tuple, dict)):
+            raise ValueError(
+                f"`GradientProbe` '{self.name}' measures one tensor, but it was "
+                f"called on a {type(inputs).__name__} of {len(inputs)}. Call one "
+                "probe per tensor, e.g. `[GradientProbe(name=f'state_{i}')(t) "
+                "for i, t in enumerate(outputs)]` (`insert_probes` does this for "
+                f"layers with several outputs). Received: inputs={inputs!r}."
+            )
 
 
 def _is_functional(model: Any) -> bool:
@@ -204,13 +213,14 @@ def _rebuild(
     model: keras.Model,
     replace: Callable[[keras.layers.Layer], keras.layers.Layer],
     skip: Callable[[keras.layers.Layer], bool],
-    after: Callable[[keras.layers.Layer], GradientProbe | None],
+    after: Callable[[keras.layers.Layer, int | None], GradientProbe | None],
 ) -> keras.Model:
     """Rebuilds a Sequential or Functional model with the same layer objects.
 
     `replace(layer)` returns the layer to use in place of `layer` (itself, or
     a rebuilt nested model); `skip(layer)` drops the layer (its input passes
-    through); `after(layer)` returns a probe to call right after `layer`.
+    through); `after(layer, index)` returns a probe to call right after
+    `layer` (on its output `index` if it has several outputs, else None).
     """
     cache: dict[int, keras.layers.Layer] = {}
 
@@ -226,7 +236,7 @@ def _rebuild(
                 continue
             new_layer = replaced(layer)
             new_layers.append(new_layer)
-            probe = after(new_layer)
+            probe = after(new_layer, None)
             if probe is not None:
                 new_layers.append(probe)
         spec = model.inputs[0]
@@ -237,8 +247,16 @@ def _rebuild(
         if skip(layer):
             return args[0]
         outputs = layer(*args, **kwargs)
-        probe = after(layer)
-        return outputs if probe is None else probe(outputs)
+        if not isinstance(outputs, (list, tuple, dict)):
+            probe = after(layer, None)
+            return outputs if probe is None else probe(outputs)
+        # Several outputs (e.g. an RNN's states): one probe per tensor.
+        leaves = keras.tree.flatten(outputs)
+        probed = []
+        for index, tensor in enumerate(leaves):
+            probe = after(layer, index)
+            probed.append(tensor if probe is None else probe(tensor))
+        return keras.tree.pack_sequence_as(outputs, probed)
 
     new = keras.models.clone_model(
         model, clone_function=replaced, call_function=call_function
@@ -255,7 +273,9 @@ def insert_probes(model: keras.Model, layers: LayerSelector = None) -> keras.Mod
     The new model shares the original's layer objects (same weights, no copy)
     and is compiled as the original was, with the same optimizer, so `fit`
     works right away. Nested Sequential and Functional models are rebuilt
-    with probes inside them. Each probe is named `<layer name>_probe`.
+    with probes inside them. Each probe is named `<layer name>_probe`; a
+    layer with several outputs (e.g. an RNN returning its states) gets one
+    probe per output tensor, `<layer name>_<index>_probe`.
 
     Args:
         model: A built Sequential or Functional model.
@@ -297,12 +317,13 @@ def insert_probes(model: keras.Model, layers: LayerSelector = None) -> keras.Mod
     select = _selector(layers, model)
     used = {layer.name for layer in _walk(model, set())}
 
-    def probe_name(layer: keras.layers.Layer) -> str:
-        name = f"{layer.name}_probe"
+    def probe_name(layer: keras.layers.Layer, index: int | None) -> str:
+        base = layer.name if index is None else f"{layer.name}_{index}"
+        name = f"{base}_probe"
         counter = 1
         while name in used:
             counter += 1
-            name = f"{layer.name}_probe_{counter}"
+            name = f"{base}_probe_{counter}"
         used.add(name)
         return name
 
@@ -310,12 +331,12 @@ def insert_probes(model: keras.Model, layers: LayerSelector = None) -> keras.Mod
         def replace(layer: keras.layers.Layer) -> keras.layers.Layer:
             return insert(layer) if _is_graph_model(layer) else layer
 
-        def after(layer: keras.layers.Layer) -> GradientProbe | None:
+        def after(layer: keras.layers.Layer, index: int | None) -> GradientProbe | None:
             if isinstance(layer, (GradientProbe, keras.layers.InputLayer)):
                 return None
             if not select(layer):
                 return None
-            return GradientProbe(name=probe_name(layer))
+            return GradientProbe(name=probe_name(layer, index))
 
         return _rebuild(current, replace, lambda layer: False, after)
 
@@ -352,7 +373,7 @@ def strip_probes(model: keras.Model) -> keras.Model:
             current,
             replace,
             lambda layer: isinstance(layer, GradientProbe),
-            lambda layer: None,
+            lambda layer, index: None,
         )
 
     return _compile_like(strip(model), model)

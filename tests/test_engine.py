@@ -872,3 +872,26 @@ def test_copied_model_gets_its_own_engine():
     np.testing.assert_allclose(
         activation_gradients(clone, x, loss="sum")["p"].gradient, before, rtol=1e-6
     )
+
+
+def test_probes_on_the_outputs_of_a_multi_output_layer():
+    keras.utils.set_random_seed(13)
+    inputs = keras.Input((4, 3))
+    lstm = keras.layers.LSTM(2, return_state=True, name="lstm")
+    concat = keras.layers.Concatenate(name="concat")
+    head = keras.layers.Dense(1, name="head")
+    model = keras.Model(inputs, head(concat(list(lstm(inputs)))))
+    model.compile(optimizer="sgd", loss="mse")
+    probed = insert_probes(model, layers=["lstm"])
+    x, y = rng_normal((3, 4, 3)), rng_normal((3, 1), 1)
+    results = activation_gradients(probed, x, y)
+    assert list(results) == ["lstm_0_probe", "lstm_1_probe", "lstm_2_probe"]
+    states = [tf.constant(s) for s in lstm(x)]
+    with tf.GradientTape() as tape:
+        tape.watch(states)
+        loss = mse(y, head(concat(states)))
+    for result, state, gradient in zip(
+        results.values(), states, tape.gradient(loss, states), strict=True
+    ):
+        np.testing.assert_allclose(result.activation, state, rtol=1e-6)
+        np.testing.assert_allclose(result.gradient, gradient, rtol=1e-5, atol=1e-8)

@@ -312,9 +312,7 @@ def test_insert_probes_functional_residual():
     with tapping(lambda probe, t: t * 0 if probe.name == "a_probe" else t):
         zeroed = keras.ops.convert_to_numpy(probed(x))
     zeros = np.zeros((len(x), 4), "float32")
-    expected = model.get_layer("out")(
-        keras.ops.add(model.get_layer("b")(zeros), zeros)
-    )
+    expected = model.get_layer("out")(keras.ops.add(model.get_layer("b")(zeros), zeros))
     np.testing.assert_allclose(zeroed, keras.ops.convert_to_numpy(expected), atol=1e-6)
     np.testing.assert_array_equal(
         probed.predict(x, verbose=0), model.predict(x, verbose=0)
@@ -535,3 +533,32 @@ def test_public_names():
         "activation_gradients",
         "ActivationGradient",
     }
+
+
+def test_insert_probes_one_probe_per_output_of_a_multi_output_layer():
+    inputs = keras.Input((4, 3))
+    out, h, c = keras.layers.LSTM(2, return_state=True, name="lstm")(inputs)
+    joined = keras.layers.Concatenate(name="concat")([out, h, c])
+    model = keras.Model(inputs, keras.layers.Dense(1, name="head")(joined))
+    probed = insert_probes(model, layers=["lstm"])
+    assert _names(find_probes(probed)) == [
+        "lstm_0_probe",
+        "lstm_1_probe",
+        "lstm_2_probe",
+    ]
+    x = np.random.default_rng(0).normal(size=(2, 4, 3)).astype("float32")
+    np.testing.assert_array_equal(
+        probed.predict(x, verbose=0), model.predict(x, verbose=0)
+    )
+    np.testing.assert_array_equal(
+        strip_probes(probed).predict(x, verbose=0), model.predict(x, verbose=0)
+    )
+
+
+def test_probe_on_several_tensors_says_to_use_one_probe_per_tensor():
+    a, b = keras.Input((2,)), keras.Input((2,))
+    with pytest.raises(ValueError, match="one probe per tensor") as info:
+        GradientProbe(name="p")([a, b])
+    assert "Received:" in str(info.value)
+    with pytest.raises(ValueError, match="one probe per tensor"):
+        GradientProbe(name="p")([np.zeros((1, 2)), np.zeros((1, 2))])
