@@ -583,9 +583,12 @@ class ProbeEngine:
         function = self.function(config)
         try:
             result = function(x, y, sample_weight)
-        except (ValueError, TypeError) as error:
+        except (ValueError, TypeError, RuntimeError) as error:
             # A failed trace never reaches `on_trace`, so `trace_count` cannot
             # tell a trace-time error from a run-time one: wrap them all.
+            # PyTorch reports shape mismatches as RuntimeError.
+            if isinstance(error, RuntimeError) and keras.backend.backend() != "torch":
+                raise
             outputs = _declared_outputs(model)
             raise ValueError(
                 f"The probe pass of model '{model.name}' failed: {error}\n"
