@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
         help="print a per-probe table of a run's gradient statistics",
         description="Print one row per probe (forward order): the statistic at "
         "the first and last probed epoch, the trend (last / first) and alerts. "
-        f"Alerts: non-finite (NaN/Inf gradient entries); vanishing / exploding "
+        "Alerts: no gradient (the probe does not reach the loss); "
+        f"non-finite (NaN/Inf gradient entries); vanishing / exploding "
         f"(grad_norm below / above the given ratio to the last probe's, the one "
         f"nearest the loss; defaults {VANISHING_RATIO:g} / {EXPLODING_RATIO:g}, "
         f"the callback's defaults); dead units (dead_unit_fraction >= "

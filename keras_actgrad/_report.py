@@ -24,7 +24,7 @@ PROBE_ORDER_TAG = "actgrad/probe_order"
 # Alert thresholds, shared with the callback's alert defaults. A probe's
 # `grad_norm` is compared with the `grad_norm` of the last probe in forward
 # order (the one nearest the loss): the callback compares the first probe
-# with the last one, so it alerts exactly when the report's first row does.
+# with the last one, so its epoch alerts match the report's first row.
 VANISHING_RATIO = 1e-4
 EXPLODING_RATIO = 1e4
 # A probe is flagged for dead units when at least this fraction of its units
@@ -75,8 +75,10 @@ class Report:
     ) -> dict[str, list[str]]:
         """Alerts per probe (in forward order), each a short phrase.
 
+        - `no gradient`: the probe does not reach the loss (its gradient
+          statistics are logged as NaN).
         - `non-finite`: a NaN or Inf gradient entry (the `nonfinite` count
-          is positive, or `grad_norm` itself is not finite).
+          is positive, or, without that count, `grad_norm` is not finite).
         - `vanishing`: `grad_norm` below `vanishing` times the `grad_norm`
           of the last probe (nearest the loss) at the same epoch.
         - `exploding`: `grad_norm` above `exploding` times the last probe's.
@@ -95,10 +97,15 @@ class Report:
                 norm = norms.get(probe, {}).get(epoch, math.nan)
                 ref = reference.get(epoch, math.nan)
                 ratio = norm / ref if ref > 0 and math.isfinite(ref) else math.nan
+                count = counts.get(probe, {}).get(epoch)
+                logged = epoch in norms.get(probe, {})
+                if count is None:  # `nonfinite` not logged: judge by the norm
+                    count = 1.0 if logged and not math.isfinite(norm) else 0.0
                 conditions = {
-                    "non-finite": counts.get(probe, {}).get(epoch, 0.0) > 0
-                    or math.isinf(norm)
-                    or (math.isnan(norm) and epoch in norms.get(probe, {})),
+                    # The callback logs NaN for every gradient statistic of a
+                    # probe that has no gradient (not connected to the loss).
+                    "no gradient": logged and math.isnan(count),
+                    "non-finite": count > 0,
                     "vanishing": ratio < vanishing,
                     "exploding": ratio > exploding,
                     "dead units": dead.get(probe, {}).get(epoch, 0.0) >= dead_units,

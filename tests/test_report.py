@@ -129,6 +129,33 @@ def test_nonfinite_alert_names_the_epoch(tmp_path, capsys):
     assert "non-finite" not in table["a_dense_probe"]
 
 
+def test_probe_without_gradient_is_not_called_non_finite(tmp_path, capsys):
+    # The callback logs NaN for every gradient statistic of a probe that does
+    # not reach the loss; a NaN gradient entry shows as a positive count.
+    writer = tf.summary.create_file_writer(str(tmp_path / "actgrad"))
+    with writer.as_default():
+        for epoch in (0, 1):
+            for probe, norm, count in [
+                ("cut_probe", float("nan"), float("nan")),
+                ("nan_probe", float("nan"), 2.0),
+                ("head_probe", 1.0, 0.0),
+            ]:
+                tf.summary.scalar(f"actgrad/{probe}/grad_norm", norm, step=epoch)
+                tf.summary.scalar(f"actgrad/{probe}/nonfinite", count, step=epoch)
+            order = json.dumps(["cut_probe", "nan_probe", "head_probe"])
+            tf.summary.text("actgrad/probe_order", order, step=epoch)
+    writer.close()
+    alerts = keras_actgrad.load_report(str(tmp_path)).alerts()
+    assert alerts == {
+        "cut_probe": ["no gradient (epoch 0)"],
+        "nan_probe": ["non-finite (epoch 0)"],
+        "head_probe": [],
+    }
+    assert main(["report", str(tmp_path)]) == 0
+    _, table = rows(capsys.readouterr().out)
+    assert table["cut_probe"].split()[1:4] == ["nan", "nan", "?"]
+
+
 def test_start_column_and_other_statistic(tmp_path, capsys):
     log_dir = write_contract_events(tmp_path, start=True)
     assert main(["report", log_dir]) == 0
