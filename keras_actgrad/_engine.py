@@ -308,6 +308,15 @@ def check_inputs(model: keras.Model, x: Any) -> None:
             "as `fit` takes them (an array, a list or a dict of arrays). "
             "Received: x=None."
         )
+    for leaf in keras.tree.flatten(x):
+        if _shape(leaf) is None and not isinstance(leaf, (bool, int, float)):
+            raise ValueError(
+                f"The probe batch must be arrays (one batch, as `model(x)` takes "
+                f"it), not a {type(leaf).__name__}. A dataset or generator holds "
+                "many batches: take one first, e.g. "
+                "`x, y = next(iter(dataset))`. "
+                f"Received: x={describe(x)}."
+            )
     size = batch_size(x)
     if size == 0:
         raise ValueError(

@@ -895,3 +895,18 @@ def test_probes_on_the_outputs_of_a_multi_output_layer():
     ):
         np.testing.assert_allclose(result.activation, state, rtol=1e-6)
         np.testing.assert_allclose(result.gradient, gradient, rtol=1e-5, atol=1e-8)
+
+
+def test_dataset_instead_of_arrays():
+    model = _classifier()
+    x, y = rng_normal((4, 4)), rng_normal((4, 3), 1)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(2)
+    for data in (dataset, iter(dataset)):
+        with pytest.raises(ValueError, match="take one first") as info:
+            activation_gradients(model, data, loss="sum")
+        assert "next(iter(dataset))" in str(info.value)
+        assert "Received:" in str(info.value)
+    # One batch of it works.
+    batch_x, batch_y = next(iter(dataset))
+    result = activation_gradients(model, batch_x, batch_y)["p"]
+    assert result.gradient.shape == (2, 6)
