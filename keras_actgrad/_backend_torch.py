@@ -127,5 +127,11 @@ class TorchAdapter:
 
     def to_numpy(self, value: Any) -> np.ndarray:
         if isinstance(value, torch.Tensor):
-            return np.asarray(value.detach().cpu().numpy())
+            tensor = value.detach().cpu()
+            if tensor.dtype == torch.bfloat16:
+                # `.numpy()` rejects bfloat16: go through float32 (exact).
+                import ml_dtypes  # a Keras dependency
+
+                return tensor.to(torch.float32).numpy().astype(ml_dtypes.bfloat16)
+            return np.asarray(tensor.numpy())
         return np.asarray(value)
