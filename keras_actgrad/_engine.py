@@ -553,6 +553,7 @@ class ProbeEngine:
         # The model's probes as the last `run` found them (in `check_model`).
         self.probes: list[GradientProbe] = []
         self.differentiable: dict[str, bool] = {}
+        self._traced: dict[Hashable, tuple[list[str], dict[str, bool]]] = {}
         self._warned: set[str] = set()
 
     @property
@@ -566,19 +567,33 @@ class ProbeEngine:
     def adapter(self) -> Adapter:
         return self._adapter
 
-    def _on_trace(self, tapped: list[Tapped]) -> None:
+    def _on_trace(self, key: Hashable, tapped: list[Tapped]) -> None:
         self.trace_count += 1
-        self.probe_order = [t.name for t in tapped]
-        self.differentiable = {t.name: t.differentiable for t in tapped}
+        self._traced[key] = (
+            [t.name for t in tapped],
+            {t.name: t.differentiable for t in tapped},
+        )
+        self._use_trace(key)
+
+    def _use_trace(self, key: Hashable) -> None:
+        # The probes a pass reaches can depend on the configuration (a
+        # subclassed model's `call` may branch on `training`), so the order
+        # is that of the function that just ran, not of the last trace.
+        order, differentiable = self._traced.get(key, ([], {}))
+        self.probe_order = list(order)
+        self.differentiable = dict(differentiable)
 
     def function(self, config: PassConfig) -> Callable[[Any, Any, Any], Any]:
-        function = self._functions.get(config.key)
+        key = config.key
+        function = self._functions.get(key)
         if function is None:
             loss_fn = resolve_loss(self.model, config.loss, config.training)
-            function = self._adapter.compile(
-                self.model, loss_fn, config, self._on_trace
-            )
-            self._functions[config.key] = function
+
+            def on_trace(tapped: list[Tapped]) -> None:
+                self._on_trace(key, tapped)
+
+            function = self._adapter.compile(self.model, loss_fn, config, on_trace)
+            self._functions[key] = function
         return function
 
     def run(self, x: Any, y: Any, sample_weight: Any, config: PassConfig) -> Any:
@@ -608,6 +623,7 @@ class ProbeEngine:
                 f"Received: x={describe(x)}, y={describe(y)}, "
                 f"sample_weight={describe(sample_weight)}, loss={config.loss!r}."
             ) from error
+        self._use_trace(config.key)
         self._warn_about_probes(model)
         return result
 

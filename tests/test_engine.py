@@ -910,3 +910,41 @@ def test_dataset_instead_of_arrays():
     batch_x, batch_y = next(iter(dataset))
     result = activation_gradients(model, batch_x, batch_y)["p"]
     assert result.gradient.shape == (2, 6)
+
+
+class BranchOnTraining(keras.Model):
+    """Reaches probe `noisy` only in training mode."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = keras.layers.Dense(3)
+        self.hidden_probe = GradientProbe(name="hidden")
+        self.noisy_probe = GradientProbe(name="noisy")
+        self.head = keras.layers.Dense(1)
+
+    def call(self, inputs, training=False):
+        h = self.hidden_probe(self.hidden(inputs))
+        if training:
+            h = self.noisy_probe(h * 2.0)
+        return self.head(h)
+
+
+def test_probe_order_is_that_of_the_pass_that_ran():
+    # Regression: the order came from the last trace, so a pass traced
+    # earlier (training=False) reported the probes of a later trace
+    # (training=True) and failed with a KeyError.
+    model = BranchOnTraining()
+    x = rng_normal((2, 4))
+    model(x)
+    with pytest.warns(UserWarning, match="'noisy'.*not reached"):
+        first = activation_gradients(model, x, loss="sum")
+    with_noise = activation_gradients(model, x, loss="sum", training=True)
+    again = activation_gradients(model, x, loss="sum")
+    assert get_engine(model).trace_count == 2
+    assert list(with_noise) == ["hidden", "noisy"]
+    assert list(first) == list(again) == ["hidden", "noisy"]
+    assert again["noisy"].activation is None and again["noisy"].gradient is None
+    np.testing.assert_array_equal(again["hidden"].gradient, first["hidden"].gradient)
+    np.testing.assert_allclose(
+        with_noise["hidden"].gradient, 2.0 * first["hidden"].gradient, rtol=1e-6
+    )
