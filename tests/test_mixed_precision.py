@@ -211,3 +211,30 @@ def test_callback_statistics_match_float32_copy(global_policy, policy):
     assert history.history["actgrad/hidden/act_mean"][-1] == pytest.approx(
         d1.mean(), rel=rtol, abs=rtol * np.abs(d1).mean()
     )
+
+
+def test_truly_nonfinite_float16_gradients_are_reported(global_policy):
+    # An activation that overflows float16 (max 65504) makes the gradient
+    # non-finite at every scale: the fallback must end (at scale 1) and the
+    # callback must follow on_nonfinite.
+    global_policy("mixed_float16")
+    keras.utils.set_random_seed(7)
+    model = build()
+    x, y = data()
+    x_big = 1e5 * x  # d1's pre-activation overflows to +-inf in float16
+    results = keras_actgrad.activation_gradients(model, x_big, y)
+    assert not np.all(np.isfinite(results["hidden"].gradient))
+    callback = keras_actgrad.ActivationGradientCallback(
+        (x_big, y), on_nonfinite="raise", histograms=False
+    )
+    keras.utils.set_random_seed(8)
+    with pytest.raises(FloatingPointError, match="Non-finite gradients"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[callback])
+    # Raised at the end of the epoch: the epoch's training is kept, exactly
+    # as a twin trained without the callback has it.
+    keras.utils.set_random_seed(7)
+    twin = build()
+    keras.utils.set_random_seed(8)
+    twin.fit(x, y, epochs=1, verbose=0)
+    for ours, theirs in zip(model.get_weights(), twin.get_weights(), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
