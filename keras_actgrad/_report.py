@@ -212,19 +212,61 @@ def _events_dir(log_dir: str) -> str:
     return log_dir  # the `actgrad/` directory itself
 
 
-def _has_events(path: str) -> bool:
-    return any(
-        "tfevents" in name
+def _event_files(path: str) -> list[str]:
+    """The event files in `path`, oldest first (their names start with the
+    creation time, as TensorBoard's writers and the callback's name them)."""
+    return sorted(
+        os.path.join(path, name)
         for name in os.listdir(path)
-        if os.path.isfile(os.path.join(path, name))
+        if "tfevents" in name and os.path.isfile(os.path.join(path, name))
     )
+
+
+def _read_event_file(path: str) -> tuple[dict[str, dict[int, float]], list[str]]:
+    """`({scalar tag: {step: value}}, probe order)` of one event file."""
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.util import tensor_util
+
+    accumulator = event_accumulator.EventAccumulator(
+        path,
+        size_guidance={
+            event_accumulator.SCALARS: 0,
+            event_accumulator.TENSORS: 0,
+            event_accumulator.HISTOGRAMS: 1,
+            event_accumulator.IMAGES: 1,
+            event_accumulator.COMPRESSED_HISTOGRAMS: 1,
+            event_accumulator.AUDIO: 1,
+        },
+    )
+    accumulator.Reload()
+    tags = accumulator.Tags()
+    scalars: dict[str, dict[int, float]] = {}
+    for tag in tags.get("scalars", []):  # TF1-style summaries
+        scalars[tag] = {e.step: float(e.value) for e in accumulator.Scalars(tag)}
+    order: list[str] = []
+    for tag in tags.get("tensors", []):
+        plugin = accumulator.SummaryMetadata(tag).plugin_data.plugin_name
+        events = accumulator.Tensors(tag)
+        if tag == PROBE_ORDER_TAG and events:
+            raw = tensor_util.make_ndarray(events[-1].tensor_proto).item()
+            order = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+        elif plugin == "scalars":
+            scalars[tag] = {
+                e.step: float(tensor_util.make_ndarray(e.tensor_proto))
+                for e in events
+            }
+    return scalars, order
 
 
 def load_report(log_dir: str) -> Report:
     """Reads what `ActivationGradientCallback(log_dir=...)` logged.
 
     Uses TensorBoard's own event reader on `<log_dir>/actgrad/` (or on
-    `log_dir` itself, if it is that directory).
+    `log_dir` itself, if it is that directory). Each `fit` writes its own
+    event file; when a later `fit` starts again at an epoch already logged
+    (a new training run in the same `log_dir`), its events replace the
+    earlier run's from that epoch on, as TensorBoard does; a `fit` that
+    continues with `initial_epoch` adds its epochs.
 
     Args:
         log_dir: The callback's `log_dir`.
@@ -245,7 +287,7 @@ def load_report(log_dir: str) -> Report:
     ```
     """
     path = _events_dir(log_dir)
-    if not _has_events(path):
+    if not _event_files(path):
         raise ValueError(
             f"No keras-actgrad events in '{log_dir}': expected TensorBoard event "
             f"files in '{os.path.join(log_dir, EVENTS_SUBDIR)}', written by "
@@ -253,37 +295,31 @@ def load_report(log_dir: str) -> Report:
             f"Received: log_dir='{log_dir}' with contents "
             f"{sorted(os.listdir(log_dir))[:10]}."
         )
-    from tensorboard.backend.event_processing import event_accumulator
-    from tensorboard.util import tensor_util
-
-    accumulator = event_accumulator.EventAccumulator(
-        path,
-        size_guidance={
-            event_accumulator.SCALARS: 0,
-            event_accumulator.TENSORS: 0,
-            event_accumulator.HISTOGRAMS: 1,
-            event_accumulator.IMAGES: 1,
-            event_accumulator.COMPRESSED_HISTOGRAMS: 1,
-            event_accumulator.AUDIO: 1,
-        },
-    )
-    accumulator.Reload()
-    tags = accumulator.Tags()
-    scalars: dict[str, list[tuple[int, float]]] = {}
-    for tag in tags.get("scalars", []):  # TF1-style summaries
-        scalars[tag] = [(e.step, float(e.value)) for e in accumulator.Scalars(tag)]
+    # One event file per `fit`. A run whose epochs restart at or before the
+    # last epoch already read replaces the earlier runs' epochs from there on
+    # (TensorBoard's "purge orphaned data"); a run continued with
+    # `initial_epoch` adds its epochs.
+    scalars: dict[str, dict[int, float]] = {}
     order: list[str] = []
-    for tag in tags.get("tensors", []):
-        plugin = accumulator.SummaryMetadata(tag).plugin_data.plugin_name
-        events = accumulator.Tensors(tag)
-        if tag == PROBE_ORDER_TAG and events:
-            raw = tensor_util.make_ndarray(events[-1].tensor_proto).item()
-            order = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
-        elif plugin == "scalars":
-            scalars[tag] = [
-                (e.step, float(tensor_util.make_ndarray(e.tensor_proto)))
-                for e in events
-            ]
+    for file in _event_files(path):
+        file_scalars, file_order = _read_event_file(file)
+        steps = [
+            step
+            for tag, series in file_scalars.items()
+            if tag.startswith("actgrad/")
+            for step in series
+        ]
+        if steps:
+            first = min(steps)
+            for tag, series in scalars.items():
+                if tag.startswith("actgrad/"):
+                    scalars[tag] = {k: v for k, v in series.items() if k < first}
+        for tag, series in file_scalars.items():
+            if tag.startswith("actgrad_start/"):
+                scalars[tag] = series  # the latest run's start event
+            else:
+                scalars.setdefault(tag, {}).update(series)
+        order = file_order or order
     if not any(tag.startswith(_PREFIXES) for tag in scalars):
         raise ValueError(
             f"No keras-actgrad events in '{log_dir}': the event files in '{path}' "
@@ -298,11 +334,10 @@ def load_report(log_dir: str) -> Report:
         probe, _, statistic = rest.rpartition("/")
         if not probe or prefix not in ("actgrad", "actgrad_start"):
             continue
-        if prefix == "actgrad":
-            target = values.setdefault(statistic, {}).setdefault(probe, {})
-            target.update(dict(series))
+        if prefix == "actgrad" and series:
+            values.setdefault(statistic, {})[probe] = dict(sorted(series.items()))
         elif series:
-            start.setdefault(statistic, {})[probe] = series[-1][1]
+            start.setdefault(statistic, {})[probe] = series[max(series)]
     if not values:
         raise ValueError(
             f"No keras-actgrad epoch events in '{log_dir}': only "

@@ -129,6 +129,33 @@ def test_nonfinite_alert_names_the_epoch(tmp_path, capsys):
     assert "non-finite" not in table["a_dense_probe"]
 
 
+def write_run(log_dir, epochs, scale):
+    writer = tf.summary.create_file_writer(os.path.join(log_dir, "actgrad"))
+    with writer.as_default():
+        tf.summary.scalar("actgrad_start/p/grad_norm", scale, step=0)
+        for epoch in epochs:
+            tf.summary.scalar("actgrad/p/grad_norm", scale * (epoch + 1), step=epoch)
+            tf.summary.text("actgrad/probe_order", '["p"]', step=epoch)
+    writer.close()
+
+
+def test_a_new_run_in_the_same_log_dir_replaces_the_old_one(tmp_path):
+    write_run(tmp_path, [0, 1, 2], scale=1.0)
+    write_run(tmp_path, [0, 1], scale=10.0)  # a second `fit` from epoch 0
+    assert len(os.listdir(tmp_path / "actgrad")) == 2
+    report = keras_actgrad.load_report(str(tmp_path))
+    assert report.epochs == [0, 1]  # not epoch 2 of the first run
+    assert report.values["grad_norm"]["p"] == {0: 10.0, 1: 20.0}
+    assert report.start["grad_norm"]["p"] == 10.0
+
+
+def test_a_continued_run_adds_its_epochs(tmp_path):
+    write_run(tmp_path, [0, 1], scale=1.0)
+    write_run(tmp_path, [2, 3], scale=10.0)  # `fit(initial_epoch=2)`
+    report = keras_actgrad.load_report(str(tmp_path))
+    assert report.values["grad_norm"]["p"] == {0: 1.0, 1: 2.0, 2: 30.0, 3: 40.0}
+
+
 def test_probe_without_gradient_is_not_called_non_finite(tmp_path, capsys):
     # The callback logs NaN for every gradient statistic of a probe that does
     # not reach the loss; a NaN gradient entry shows as a positive count.
