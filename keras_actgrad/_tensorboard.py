@@ -2,11 +2,12 @@
 
 `EventWriter` writes one event file in `<log_dir>/actgrad/`, beside the
 `train/` and `validation/` directories of Keras's `TensorBoard` callback,
-with explicit steps. It writes the records itself (TensorBoard's record
-format, TensorBoard's protos and plugin metadata), so it needs the
-`tensorboard` package but no TensorFlow session and works with every Keras
-backend; `tensorboard` (and TensorFlow, which it uses for remote file
-systems when installed) is imported lazily, when a writer is created.
+with explicit steps. It builds the summaries itself (TensorBoard's protos
+and plugin metadata) and writes them as TFRecords: with TensorFlow's
+`TFRecordWriter` when TensorFlow is installed, else with TensorBoard's
+pure-Python record writer. So it needs the `tensorboard` package, no
+TensorFlow session, and works with every Keras backend; both are imported
+lazily, when a writer is created.
 
 What it writes, per probe event (the contract `_report.py` reads):
 
@@ -33,6 +34,7 @@ prefixes are `actgrad_weights`, `actgrad_weights_start` and
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -78,6 +80,44 @@ def histogram_buckets(low: float, high: float, counts: np.ndarray) -> np.ndarray
     return np.stack([edges[:-1], edges[1:], counts], axis=1)
 
 
+def _scalar(value: float) -> Any:
+    """A float32 scalar `TensorProto` (what `tf.summary.scalar` writes)."""
+    from tensorboard.compat.proto import tensor_pb2, tensor_shape_pb2, types_pb2
+
+    return tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_FLOAT,
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(),
+        float_val=[float(value)],
+    )
+
+
+def _float64_matrix(array: np.ndarray) -> Any:
+    from tensorboard.compat.proto import tensor_pb2, tensor_shape_pb2, types_pb2
+
+    dims = [tensor_shape_pb2.TensorShapeProto.Dim(size=n) for n in array.shape]
+    return tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_DOUBLE,
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=dims),
+        tensor_content=np.ascontiguousarray(array, dtype="<f8").tobytes(),
+    )
+
+
+def _string(text: str) -> Any:
+    from tensorboard.compat.proto import tensor_pb2, tensor_shape_pb2, types_pb2
+
+    return tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_STRING,
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(),
+        string_val=[text.encode("utf-8")],
+    )
+
+
+def _image_tensor(image: np.ndarray) -> Any:
+    from tensorboard.util import tensor_util
+
+    return tensor_util.make_tensor_proto(image)
+
+
 class EventWriter:
     """Writes probe events to `<log_dir>/actgrad/events.out.tfevents.*`.
 
@@ -119,11 +159,41 @@ class EventWriter:
             os.makedirs(directory, exist_ok=True)
 
     def _open(self, path: str) -> Any:
-        if self._remote:
-            from tensorboard.compat import tf
+        """A record writer: `write(bytes)`, `flush()`, `close()`.
 
-            return tf.io.gfile.GFile(path, "wb")
-        return open(path, "wb")  # noqa: SIM115 - closed in `close`
+        An event file is a TFRecord file of `Event` protos. TensorFlow's
+        `TFRecordWriter` (C++ checksums, any TensorFlow file system) is used
+        when TensorFlow is installed; otherwise TensorBoard's pure-Python
+        record writer on a local file.
+        """
+        if importlib.util.find_spec("tensorflow") is not None:
+            import tensorflow as tf
+
+            try:
+                return tf.io.TFRecordWriter(path)
+            except tf.errors.OpError as error:
+                raise OSError(f"cannot create {path}: {error.message}") from error
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        class _Records:
+            def __init__(self, file: Any) -> None:
+                self._file = file
+                self._writer = RecordWriter(file)
+
+            def write(self, data: bytes) -> None:
+                self._writer.write(data)
+
+            def flush(self) -> None:
+                self._file.flush()
+
+            def close(self) -> None:
+                self._file.close()
+
+        if self._remote:
+            from tensorboard.compat import tf as tf_compat
+
+            return _Records(tf_compat.io.gfile.GFile(path, "wb"))
+        return _Records(open(path, "wb"))  # noqa: SIM115 - closed in `close`
 
     def _exists(self) -> bool:
         if self._remote:
@@ -133,9 +203,7 @@ class EventWriter:
         return os.path.exists(self.path)
 
     def _write_record(self, event: Any) -> None:
-        from tensorboard.summary.writer.record_writer import RecordWriter
-
-        RecordWriter(self._file).write(event.SerializeToString())
+        self._file.write(event.SerializeToString())
 
     # Summary values.
 
@@ -181,7 +249,6 @@ class EventWriter:
         probe_order: Sequence[str],
     ) -> None:
         from tensorboard.compat.proto import event_pb2, summary_pb2
-        from tensorboard.util import tensor_util
 
         if not self._exists():
             raise FileNotFoundError(
@@ -198,37 +265,33 @@ class EventWriter:
                 summary.value.add(
                     tag=f"{prefix}/{probe}/{statistic}",
                     metadata=scalar,
-                    tensor=tensor_util.make_tensor_proto(
-                        np.float32(values.get(statistic, np.nan))
-                    ),
+                    tensor=_scalar(values.get(statistic, np.nan)),
                 )
             for name, (low, high, counts) in reduced.histograms.get(probe, {}).items():
                 summary.value.add(
                     tag=f"{prefix}/{probe}/{name}",
                     metadata=histogram,
-                    tensor=tensor_util.make_tensor_proto(
-                        histogram_buckets(low, high, counts)
-                    ),
+                    tensor=_float64_matrix(histogram_buckets(low, high, counts)),
                 )
         weight_prefix = WEIGHT_PREFIXES[kind]
         for path, norm in reduced.weight_grad_norms.items():
             summary.value.add(
                 tag=f"{weight_prefix}/{path}/grad_norm",
                 metadata=scalar,
-                tensor=tensor_util.make_tensor_proto(np.float32(norm)),
+                tensor=_scalar(norm),
             )
         if kind == "epoch":
             summary.value.add(
                 tag=PROBE_ORDER_TAG,
                 metadata=self._plugin_metadata("text"),
-                tensor=tensor_util.make_tensor_proto(json.dumps(list(probe_order))),
+                tensor=_string(json.dumps(list(probe_order))),
             )
             image = self._profile_image(step, reduced, probe_order)
             if image is not None:
                 summary.value.add(
                     tag=PROFILE_IMAGE_TAG,
                     metadata=self._plugin_metadata("images"),
-                    tensor=tensor_util.make_tensor_proto(image),
+                    tensor=_image_tensor(image),
                 )
         self._write_record(
             event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary)

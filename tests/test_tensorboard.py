@@ -202,7 +202,7 @@ class _FillDisk(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if epoch == 0:
             self.target._writer._file.close()
-            self.target._writer._file = _FullDisk()
+            self.target._writer._file = _FullDisk()  # the record writer
 
 
 def test_full_disk_warns_once_and_training_continues(tmp_path):
@@ -273,3 +273,35 @@ def test_tensorboard_server_lists_our_tags(tmp_path):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=10)
+
+
+def test_pure_python_records_without_tensorflow(tmp_path, monkeypatch):
+    import importlib.util
+
+    from keras_actgrad._statistics import Reduced
+    from keras_actgrad._tensorboard import EventWriter
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "tensorflow" else find_spec(name, *args),
+    )
+    writer = EventWriter(str(tmp_path))
+    monkeypatch.undo()
+    assert type(writer._file).__name__ == "_Records"  # the pure-Python writer
+    reduced = Reduced(
+        statistics={"p": {"grad_norm": 2.5}},
+        histograms={"p": {"gradient": (-1.0, 3.0, np.array([1, 0, 2, 5]))}},
+        weight_grad_norms={"dense/kernel": 0.75},
+    )
+    assert writer.write("epoch", 4, reduced, ["grad_norm"], ["p"])
+    writer.close()
+    accumulator = read(tmp_path / "actgrad")
+    assert values(accumulator, "actgrad/p/grad_norm") == [(4, pytest.approx(2.5))]
+    step, buckets = values(accumulator, "actgrad/p/gradient")[0]
+    np.testing.assert_allclose(buckets[:, 2], [1, 0, 2, 5])
+    np.testing.assert_allclose(buckets[:, 0], [-1.0, 0.0, 1.0, 2.0])
+    np.testing.assert_allclose(buckets[:, 1], [0.0, 1.0, 2.0, 3.0])
+    norm = values(accumulator, "actgrad_weights/dense/kernel/grad_norm")[0][1]
+    assert float(norm) == pytest.approx(0.75)
