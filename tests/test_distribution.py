@@ -72,6 +72,11 @@ def mirrored(runs):
     return runs["mirrored"]
 
 
+def test_no_warnings_of_ours(runs):
+    for name, report in runs.items():
+        assert report["our_warnings"] == [], name
+
+
 def test_model_is_really_mirrored(mirrored):
     assert mirrored["replicas"] == 2
     assert mirrored["mirrored"] == "MirroredVariable"

@@ -90,6 +90,7 @@ def test_keras_save_and_load_without_custom_objects(tmp_path):
     model = mlp()
     x, y = data()
     model.fit(x, y, epochs=1, verbose=0)
+    activation_gradients(model, x, y)  # a cached probe function exists
     path = str(tmp_path / "probed.keras")
     model.save(path)
     loaded = keras.saving.load_model(path)  # no custom_objects
@@ -149,6 +150,7 @@ def test_export_saved_model_probes_are_identities(tmp_path):
     model = mlp()
     x, y = data()
     model.fit(x, y, epochs=1, verbose=0)
+    activation_gradients(model, x, y)  # a cached probe function exists
     path = str(tmp_path / "exported")
     model.export(path, verbose=False)
     artifact = tf.saved_model.load(path)
