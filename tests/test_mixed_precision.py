@@ -238,3 +238,35 @@ def test_truly_nonfinite_float16_gradients_are_reported(global_policy):
     twin.fit(x, y, epochs=1, verbose=0)
     for ours, theirs in zip(model.get_weights(), twin.get_weights(), strict=True):
         np.testing.assert_array_equal(ours, theirs)
+
+
+def test_weight_gradient_norms_are_unscaled(global_policy):
+    # Weight gradients share the scaled backward pass: they must come back
+    # unscaled, matching the float32 copy's.
+    global_policy("mixed_float16")
+    keras.utils.set_random_seed(9)
+
+    def tiny_loss(y_true, y_pred):
+        return 1e-6 * keras.losses.mean_squared_error(y_true, y_pred)
+
+    model = build(loss=tiny_loss)
+    x, y = data(scale=0.01)
+    callback = keras_actgrad.ActivationGradientCallback(
+        (x, y), weight_gradients=True, probe_at_start=True, histograms=False
+    )
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[callback])
+    start = callback.events[0]
+    assert start["kind"] == "start"
+    # The reference: the float32 copy with the weights before training.
+    keras.config.set_dtype_policy("mixed_float16")
+    keras.utils.set_random_seed(9)
+    initial = build(loss=tiny_loss)
+    copy = float32_copy(initial, loss=tiny_loss)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(tiny_loss(y, copy(x)))
+    grads = tape.gradient(loss, copy.trainable_variables)
+    for variable, grad in zip(copy.trainable_variables, grads, strict=True):
+        norm = float(np.sqrt(np.sum(grad.numpy().astype(np.float64) ** 2)))
+        assert norm > 0
+        logged = start["weight_grad_norms"][variable.path]
+        assert logged == pytest.approx(norm, rel=1e-2), variable.path
