@@ -180,6 +180,21 @@ def _selector(layers: LayerSelector, model: keras.Model) -> Callable[[Any], bool
             f"or a predicate. Available layer names: {sorted(known)}. "
             f"Received: layers={layers!r}."
         )
+    inputs = sorted(
+        layer.name
+        for layer in _walk(model, set())
+        if isinstance(layer, keras.layers.InputLayer)
+        and (layer.name in names or issubclass(keras.layers.InputLayer, classes))
+    )
+    if inputs:
+        raise ValueError(
+            f"`insert_probes` places probes after layers, and {inputs} are "
+            f"inputs of model '{model.name}'. To measure the gradient with "
+            "respect to an input, put a probe on it where the model is built: "
+            "`inputs = keras.Input(...)`, then "
+            "`h = keras_actgrad.GradientProbe(name='input_probe')(inputs)` and "
+            f"build the rest on `h`. Received: layers={layers!r}."
+        )
     return lambda layer: (
         layer.name in names or (bool(classes) and isinstance(layer, classes))
     )

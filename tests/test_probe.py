@@ -562,3 +562,15 @@ def test_probe_on_several_tensors_says_to_use_one_probe_per_tensor():
     assert "Received:" in str(info.value)
     with pytest.raises(ValueError, match="one probe per tensor"):
         GradientProbe(name="p")([np.zeros((1, 2)), np.zeros((1, 2))])
+
+
+def test_insert_probes_on_an_input_says_how_to_probe_inputs():
+    inputs = keras.Input((4,), name="pixels")
+    model = keras.Model(inputs, keras.layers.Dense(2, name="d")(inputs))
+    for layers in (["pixels"], keras.layers.InputLayer):
+        with pytest.raises(ValueError, match="inputs of model") as info:
+            insert_probes(model, layers=layers)
+        message = str(info.value)
+        assert "pixels" in message
+        assert "GradientProbe(name='input_probe')(inputs)" in message
+        assert "Received:" in message
