@@ -23,8 +23,7 @@ from keras_actgrad._report import (
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="keras-actgrad",
-        description="Tools for the logs of keras-actgrad's "
-        "ActivationGradientCallback.",
+        description="Tools for the logs of keras-actgrad's ActivationGradientCallback.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     report = commands.add_parser(
@@ -40,23 +39,38 @@ def _parser() -> argparse.ArgumentParser:
         f"{DEAD_UNIT_FRACTION:g}).",
     )
     report.add_argument(
-        "log_dir", metavar="LOG_DIR",
+        "log_dir",
+        metavar="LOG_DIR",
         help="the `log_dir` given to ActivationGradientCallback",
     )
     report.add_argument(
-        "--png", metavar="FILE",
+        "--png",
+        metavar="FILE",
         help="also save a probes x epochs heatmap (log colour) to FILE",
     )
     report.add_argument(
-        "--statistic", default="grad_norm",
+        "--statistic",
+        default="grad_norm",
         help="the statistic to show (default: grad_norm)",
     )
-    report.add_argument("--vanishing", type=float, default=VANISHING_RATIO,
-                        help="vanishing ratio threshold (default: %(default)g)")
-    report.add_argument("--exploding", type=float, default=EXPLODING_RATIO,
-                        help="exploding ratio threshold (default: %(default)g)")
-    report.add_argument("--dead-units", type=float, default=DEAD_UNIT_FRACTION,
-                        help="dead unit fraction threshold (default: %(default)g)")
+    report.add_argument(
+        "--vanishing",
+        type=float,
+        default=VANISHING_RATIO,
+        help="vanishing ratio threshold (default: %(default)g)",
+    )
+    report.add_argument(
+        "--exploding",
+        type=float,
+        default=EXPLODING_RATIO,
+        help="exploding ratio threshold (default: %(default)g)",
+    )
+    report.add_argument(
+        "--dead-units",
+        type=float,
+        default=DEAD_UNIT_FRACTION,
+        help="dead unit fraction threshold (default: %(default)g)",
+    )
     return parser
 
 

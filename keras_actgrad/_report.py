@@ -80,7 +80,8 @@ class Report:
         - `non-finite`: a NaN or Inf gradient entry (the `nonfinite` count
           is positive, or, without that count, `grad_norm` is not finite).
         - `vanishing`: `grad_norm` below `vanishing` times the `grad_norm`
-          of the last probe (nearest the loss) at the same epoch.
+          of the last probe (nearest the loss; the last one with a finite
+          `grad_norm`) at the same epoch.
         - `exploding`: `grad_norm` above `exploding` times the last probe's.
         - `dead units`: `dead_unit_fraction >= dead_units`.
 
@@ -89,14 +90,22 @@ class Report:
         norms = self.values.get("grad_norm", {})
         counts = self.values.get("nonfinite", {})
         dead = self.values.get("dead_unit_fraction", {})
-        reference = norms.get(self.probes[-1], {}) if self.probes else {}
+        # Per epoch, the `grad_norm` of the last probe that has a finite one
+        # (as the callback does, probes without a gradient are left out).
+        reference: dict[int, float] = {}
+        for epoch in self.epochs:
+            for probe in reversed(self.probes):
+                norm = norms.get(probe, {}).get(epoch, math.nan)
+                if math.isfinite(norm):
+                    reference[epoch] = norm
+                    break
         out: dict[str, list[str]] = {}
         for probe in self.probes:
             first: dict[str, int] = {}
             for epoch in self.epochs:
                 norm = norms.get(probe, {}).get(epoch, math.nan)
                 ref = reference.get(epoch, math.nan)
-                ratio = norm / ref if ref > 0 and math.isfinite(ref) else math.nan
+                ratio = norm / ref if ref > 0 else math.nan
                 count = counts.get(probe, {}).get(epoch)
                 logged = epoch in norms.get(probe, {})
                 if count is None:  # `nonfinite` not logged: judge by the norm
@@ -252,8 +261,7 @@ def _read_event_file(path: str) -> tuple[dict[str, dict[int, float]], list[str]]
             order = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
         elif plugin == "scalars":
             scalars[tag] = {
-                e.step: float(tensor_util.make_ndarray(e.tensor_proto))
-                for e in events
+                e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in events
             }
     return scalars, order
 
@@ -384,8 +392,9 @@ def plot_heatmap(report: Report, path: str, statistic: str = "grad_norm") -> Non
             low, high = low / 2, high * 2
         norm = colors.LogNorm(vmin=low, vmax=high)
     shown = np.ma.masked_where(~(np.isfinite(data) & (data > 0)), data)
-    image = ax.imshow(shown, cmap=cmap, norm=norm, aspect="auto",
-                      interpolation="nearest")
+    image = ax.imshow(
+        shown, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest"
+    )
     ax.set_xticks(range(n_epochs), [str(e) for e in report.epochs])
     if n_epochs > 20:
         for k, label in enumerate(ax.get_xticklabels()):
@@ -417,11 +426,21 @@ def plot_heatmap(report: Report, path: str, statistic: str = "grad_norm") -> Non
                 if math.isnan(value) and not _logged(report, statistic, i, j):
                     continue
                 text = _number(value, digits=2)
-                dark = norm is not None and np.isfinite(value) and value > 0 and (
-                    norm(value) < 0.6
+                dark = (
+                    norm is not None
+                    and np.isfinite(value)
+                    and value > 0
+                    and (norm(value) < 0.6)
                 )
-                ax.text(j, i, text, ha="center", va="center", fontsize=8,
-                        color="white" if dark else "black")
+                ax.text(
+                    j,
+                    i,
+                    text,
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if dark else "black",
+                )
     fig.savefig(path)
 
 
@@ -457,8 +476,10 @@ def profile_png(
     height = 2.4 + labels_inches
     fig = figure.Figure(figsize=(width, height), dpi=90)
     fig.subplots_adjust(
-        left=0.8 / width, right=1 - 0.15 / width,
-        bottom=(labels_inches + 0.45) / height, top=1 - 0.35 / height,
+        left=0.8 / width,
+        right=1 - 0.15 / width,
+        bottom=(labels_inches + 0.45) / height,
+        top=1 - 0.35 / height,
     )
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -469,18 +490,29 @@ def profile_png(
     for bar, value, ok in zip(bars, values, good, strict=True):
         if not ok:
             bar.set_color("#c0392b")
-            ax.annotate(_number(value), (bar.get_x() + bar.get_width() / 2, floor),
-                        ha="center", va="bottom", fontsize=8, color="#c0392b")
-    reference = values[-1] if len(values) else math.nan
-    if math.isfinite(reference) and reference > 0:
+            ax.annotate(
+                _number(value),
+                (bar.get_x() + bar.get_width() / 2, floor),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                color="#c0392b",
+            )
+    finite = values[np.isfinite(values)]
+    reference = float(finite[-1]) if finite.size else math.nan  # the last probe's
+    if reference > 0:
         threshold = VANISHING_RATIO * reference
         if good.any() and values[good].min() < 10 * threshold:
-            ax.axhline(threshold, color="#c0392b", linestyle="--", linewidth=1,
-                       label=f"vanishing: {VANISHING_RATIO:g} x last probe")
+            ax.axhline(
+                threshold,
+                color="#c0392b",
+                linestyle="--",
+                linewidth=1,
+                label=f"vanishing: {VANISHING_RATIO:g} x last probe",
+            )
             ax.legend(loc="upper left", fontsize=8, frameon=False)
     ax.set_yscale("log")
-    ax.set_xticks(range(len(probes)), list(probes), rotation=45, ha="right",
-                  fontsize=8)
+    ax.set_xticks(range(len(probes)), list(probes), rotation=45, ha="right", fontsize=8)
     ax.set_xlabel("probe (forward order)")
     ax.set_ylabel("grad_norm (log scale)")
     ax.set_title(title, loc="left", fontsize=10)

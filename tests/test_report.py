@@ -165,18 +165,25 @@ def test_probe_without_gradient_is_not_called_non_finite(tmp_path, capsys):
             for probe, norm, count in [
                 ("cut_probe", float("nan"), float("nan")),
                 ("nan_probe", float("nan"), 2.0),
+                ("small_probe", 1e-5, 0.0),
                 ("head_probe", 1.0, 0.0),
+                ("aux_probe", float("nan"), float("nan")),  # last, no gradient
             ]:
                 tf.summary.scalar(f"actgrad/{probe}/grad_norm", norm, step=epoch)
                 tf.summary.scalar(f"actgrad/{probe}/nonfinite", count, step=epoch)
-            order = json.dumps(["cut_probe", "nan_probe", "head_probe"])
+            order = json.dumps(
+                ["cut_probe", "nan_probe", "small_probe", "head_probe", "aux_probe"]
+            )
             tf.summary.text("actgrad/probe_order", order, step=epoch)
     writer.close()
     alerts = keras_actgrad.load_report(str(tmp_path)).alerts()
+    # The vanishing reference is head_probe, the last probe with a gradient.
     assert alerts == {
         "cut_probe": ["no gradient (epoch 0)"],
         "nan_probe": ["non-finite (epoch 0)"],
+        "small_probe": ["vanishing (epoch 0)"],
         "head_probe": [],
+        "aux_probe": ["no gradient (epoch 0)"],
     }
     assert main(["report", str(tmp_path)]) == 0
     _, table = rows(capsys.readouterr().out)
