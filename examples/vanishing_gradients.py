@@ -1,14 +1,14 @@
 """Vanishing gradients, caught: a deep sigmoid MLP next to ReLU + BatchNorm.
 
 Two MLPs of the same depth on scikit-learn's bundled digits (offline): one
-with sigmoid activations, whose gradient shrinks by a factor of at least 4
-at every layer on its way back to the input, and one with ReLU and
-BatchNormalization. `ActivationGradientCallback` warns about the first
-(vanishing: the first probe's `grad_norm` is below 1e-4 times the last
-probe's) and not about the second; the two reports show where the gradient
-dies.
+with sigmoid activations, whose derivative is at most 1/4, so that here the
+gradient shrinks about 4-fold at every layer on its way back to the input,
+and one with ReLU and BatchNormalization. `ActivationGradientCallback`
+warns about the first (vanishing: the first probe's `grad_norm` is below
+1e-4 times the last probe's) and not about the second; the two reports show
+where the gradient dies.
 
-    python examples/vanishing_gradients.py [--depth 10] [--epochs 5]
+    python examples/vanishing_gradients.py [--depth 10] [--epochs 4]
         [--log-dir logs/vanishing]
 
 `ACTGRAD_EXAMPLE_QUICK=1` runs fewer epochs on 512 examples (used by the
