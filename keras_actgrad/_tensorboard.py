@@ -128,7 +128,17 @@ class EventWriter:
 
     def __init__(self, log_dir: str, profile_images: bool = False) -> None:
         global _file_counter
-        from tensorboard.compat.proto import event_pb2
+        try:
+            from tensorboard.compat.proto import event_pb2
+        except ImportError as error:
+            raise ImportError(
+                "Writing TensorBoard logs (`log_dir`) needs the `tensorboard` "
+                "package, which is not installed (it comes with TensorFlow, but "
+                "the JAX and PyTorch backends do not need TensorFlow). Install it "
+                'with `pip install "keras-actgrad[report]"` (or '
+                "`pip install tensorboard`), or pass `log_dir=None`. "
+                f"Received: log_dir={log_dir!r}."
+            ) from error
 
         self.directory = os.path.join(str(log_dir), SUBDIRECTORY)
         self._remote = "://" in self.directory

@@ -244,3 +244,18 @@ def test_jax_data_parallel_matches_one_device(tmp_path: Path) -> None:
     assert len(errors) == 4 * 2 + 8  # 2 probes x 2 fields x 2 modes, 8 weights
     bad = {key: error for key, error in errors.items() if not error <= RTOL}
     assert not bad, bad
+
+
+def test_tensorboard_writer_names_the_missing_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from keras_actgrad._tensorboard import EventWriter
+
+    # `None` in sys.modules makes `import tensorboard...` raise ImportError.
+    for name in list(sys.modules):
+        if name == "tensorboard" or name.startswith("tensorboard."):
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    with pytest.raises(ImportError, match=r"pip install \"keras-actgrad\[report\]\""):
+        EventWriter(str(tmp_path))
+    assert not (tmp_path / "actgrad").exists()
