@@ -24,6 +24,10 @@ import keras
 import numpy as np
 import pytest
 
+import keras_actgrad
+from keras_actgrad import GradientProbe
+from keras_actgrad._engine import FullReducer, PassConfig, get_engine
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RTOL = 1e-5
@@ -259,3 +263,130 @@ def test_tensorboard_writer_names_the_missing_package(
     with pytest.raises(ImportError, match=r"pip install \"keras-actgrad\[report\]\""):
         EventWriter(str(tmp_path))
     assert not (tmp_path / "actgrad").exists()
+
+
+# Engine semantics on the backend under test (the suite runs once per
+# backend), against closed forms.
+
+
+def _closed_form_model() -> keras.Model:
+    inputs = keras.Input((4,))
+    x = GradientProbe(name="input_probe")(inputs)  # nothing trainable upstream
+    h = keras.layers.Dense(5, activation="tanh", name="hidden")(x)
+    h = GradientProbe(name="hidden_probe")(h)
+    outputs = keras.layers.Dense(3, use_bias=False, name="head")(h)
+    model = keras.Model(inputs, outputs)
+    model.compile(loss="mse")
+    return model
+
+
+def test_gradient_matches_closed_form() -> None:
+    # loss = mean((h W - y)^2) over n x k entries, so
+    # dL/dh = 2 / (n k) (h W - y) W^T and dL/dx = (dL/dh * (1 - h^2)) V^T.
+    keras.utils.set_random_seed(3)
+    model = _closed_form_model()
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(6, 4)).astype("float32")
+    y = rng.normal(size=(6, 3)).astype("float32")
+    results = keras_actgrad.activation_gradients(model, x, y)
+    kernel, bias = (
+        np.asarray(w, "float64") for w in model.get_layer("hidden").get_weights()
+    )
+    head = np.asarray(model.get_layer("head").get_weights()[0], "float64")
+    h = np.tanh(x.astype("float64") @ kernel + bias)
+    dh = 2.0 / y.size * (h @ head - y) @ head.T
+    dx = (dh * (1 - h**2)) @ kernel.T
+    assert list(results) == ["input_probe", "hidden_probe"]
+    np.testing.assert_allclose(results["hidden_probe"].activation, h, rtol=1e-5)
+    np.testing.assert_allclose(
+        results["hidden_probe"].gradient, dh, rtol=1e-4, atol=1e-7
+    )
+    np.testing.assert_allclose(results["input_probe"].activation, x)
+    np.testing.assert_allclose(
+        results["input_probe"].gradient, dx, rtol=1e-4, atol=1e-7
+    )
+    for result in results.values():
+        assert isinstance(result.gradient, np.ndarray)
+        assert result.gradient.dtype == np.float32
+
+
+def test_non_float_probe_has_no_gradient() -> None:
+    inputs = keras.Input((5,), dtype="int32")
+    ids = GradientProbe(name="ids")(inputs)
+    h = keras.layers.Embedding(10, 3, name="embedding")(ids)
+    h = GradientProbe(name="embedded")(h)
+    model = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.Flatten()(h)))
+    x = np.arange(10, dtype="int32").reshape(2, 5)
+    with pytest.warns(UserWarning, match="not floating point"):
+        results = keras_actgrad.activation_gradients(model, x, loss="sum")
+    assert results["ids"].gradient is None
+    np.testing.assert_array_equal(results["ids"].activation, x)
+    # d sum(Dense(flatten(e))) / d e = the Dense kernel, for every example.
+    kernel = np.asarray(model.layers[-1].kernel.numpy()).reshape(5, 3)
+    np.testing.assert_allclose(results["embedded"].gradient, np.stack([kernel] * 2))
+
+
+def test_compiled_once_per_input_signature() -> None:
+    model = _closed_form_model()
+    engine = get_engine(model)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8, 4)).astype("float32"), rng.normal(size=(8, 3))
+    for _ in range(3):
+        keras_actgrad.activation_gradients(model, x, y)
+    assert engine.trace_count == 1
+    keras_actgrad.activation_gradients(model, x[:5], y[:5])
+    assert engine.trace_count == 2
+    keras_actgrad.activation_gradients(model, x, y)
+    assert engine.trace_count == 2
+
+
+def test_probe_pass_changes_no_state() -> None:
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(8, name="d")(inputs)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    h = keras.layers.Dropout(0.5)(GradientProbe(name="p")(h))
+    model = keras.Model(inputs, keras.layers.Dense(2)(h))
+    model.compile("adam", "mse")
+    x = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
+    y = np.ones((8, 2), "float32")
+    model.train_on_batch(x, y)  # builds the optimizer
+    before = [np.array(v.numpy()) for v in model.variables + model.optimizer.variables]
+    first = keras_actgrad.activation_gradients(model, x, y, training=True)
+    second = keras_actgrad.activation_gradients(model, x, y, training=True)
+    after = [np.array(v.numpy()) for v in model.variables + model.optimizer.variables]
+    assert len(before) == len(after)
+    for old, new in zip(before, after, strict=True):
+        assert old.tobytes() == new.tobytes()
+    # The dropout seed did not move either: the same mask twice.
+    np.testing.assert_array_equal(first["p"].gradient, second["p"].gradient)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="PyTorch autograd only")
+def test_torch_keeps_no_graph() -> None:
+    import gc
+    import weakref
+
+    import torch
+
+    model = _closed_form_model()
+    seen: list[weakref.ref] = []
+
+    def loss(y_true: Any, y_pred: Any) -> Any:
+        seen.append(weakref.ref(y_pred))
+        # The product's backward saves y_pred: alive as long as the graph is.
+        return keras.ops.mean(y_pred * y_pred - y_true)
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(4, 4)).astype("float32"), rng.normal(size=(4, 3))
+    out = get_engine(model).run(
+        x, y.astype("float32"), None, PassConfig(loss, False, True, FullReducer())
+    )
+    gc.collect()
+    assert seen and seen[0]() is None  # the graph is gone
+    tensors = [out["loss"], *out["activations"].values(), *out["gradients"].values()]
+    tensors += list(out["weight_gradients"].values())
+    for tensor in tensors:
+        assert isinstance(tensor, torch.Tensor)
+        assert not tensor.requires_grad and tensor.grad_fn is None
+    assert all(v.value.grad is None for v in model.trainable_variables)
