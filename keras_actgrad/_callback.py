@@ -236,7 +236,7 @@ class ActivationGradientCallback(keras.callbacks.Callback):
             raise ImportError(
                 "`profile_images=True` draws its bar charts with matplotlib, "
                 "which is not installed. Install it with "
-                "`pip install \"keras-actgrad[report]\"` or drop `profile_images`. "
+                '`pip install "keras-actgrad[report]"` or drop `profile_images`. '
                 "Received: profile_images=True."
             )
         self.profile_images = bool(profile_images)
@@ -264,6 +264,8 @@ class ActivationGradientCallback(keras.callbacks.Callback):
         self._device_data: tuple[Any, Any, Any] | None = None
         self._checked_model: keras.Model | None = None
         self._reached: list[str] = []
+        if batch_freq is not None:
+            self.on_train_batch_end = self._on_train_batch_end
 
     # Keras hooks.
 
@@ -302,9 +304,13 @@ class ActivationGradientCallback(keras.callbacks.Callback):
         self._epoch = epoch
         self._epoch_start_step = self._step
 
-    def on_train_batch_end(
+    def _on_train_batch_end(
         self, batch: int, logs: dict[str, Any] | None = None
     ) -> None:
+        # Installed as `on_train_batch_end` only with `batch_freq` (see
+        # `__init__`): Keras syncs with the device after every step when any
+        # callback overrides a batch hook, so without `batch_freq` the
+        # callback leaves the hook alone and costs nothing between epochs.
         previous = self._step
         self._step = self._epoch_start_step + int(batch) + 1
         if (

@@ -549,3 +549,15 @@ def test_deep_sigmoid_net_vanishes():
     with recorded() as record:
         model.fit(x, y, epochs=2, verbose=0, callbacks=[callback])
     assert [str(w.message).split(" ")[0] for w in record] == ["Vanishing"]
+
+
+def test_batch_hook_only_with_batch_freq():
+    # Keras dispatches batch-end callbacks without a device sync per step
+    # only when no callback overrides the batch hooks (it checks the
+    # `_is_default` marker of `keras.callbacks.Callback`'s methods).
+    x, y = data(4)
+    plain = ActivationGradientCallback((x, y))
+    assert getattr(plain.on_train_batch_end, "_is_default", False)
+    assert getattr(plain.on_batch_end, "_is_default", False)
+    batched = ActivationGradientCallback((x, y), batch_freq=2)
+    assert not getattr(batched.on_train_batch_end, "_is_default", False)
