@@ -548,3 +548,39 @@ def test_warnings_are_ours_only():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         activation_gradients(model, *data())
+
+
+# --- faults during a run -------------------------------------------------------
+
+
+class _DiskFullAfterFirstEpoch(keras.callbacks.Callback):
+    """Points the summary writer's file at /dev/full: real ENOSPC errors."""
+
+    def __init__(self, target):
+        super().__init__()
+        self.target = target
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 0:
+            writer = self.target._writer
+            writer._file.close()
+            writer._file = open("/dev/full", "wb", buffering=0)  # noqa: SIM115
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_disk_full_mid_run_warns_once_and_training_continues(tmp_path):
+    model = mlp()
+    x, y = data()
+    callback = ActivationGradientCallback((x, y), log_dir=str(tmp_path))
+    full = _DiskFullAfterFirstEpoch(callback)
+    with ours() as record:
+        history = model.fit(x, y, epochs=4, verbose=0, callbacks=[callback, full])
+    assert len(record) == 1
+    assert "No space left on device" in str(record[0].message)
+    assert len(history.history["loss"]) == 4
+    assert np.all(np.isfinite(history.history["actgrad/p1/grad_norm"]))
+    assert len(callback.events) == 4
+    # The same training as without the callback.
+    twin = mlp()
+    twin_history = twin.fit(x, y, epochs=4, verbose=0)
+    assert twin_history.history["loss"] == history.history["loss"]
