@@ -205,16 +205,25 @@ class _Probe:
 
 
 def _count(index: Tensor, weights: Tensor | None, bins: int) -> Tensor:
-    """Counts of `index` values in `[0, bins)` (float32, shape `[bins]`)."""
+    """Counts of `index` values in `[0, bins]`, the last folded into `bins - 1`.
+
+    Index `bins` holds the entries equal to the maximum (the last bin is
+    closed); folding it on the small count vector saves a clamping pass over
+    the data. Returns float32 counts of shape `[bins]`.
+    """
     ops = keras.ops
     if keras.backend.backend() == "jax":
         # jnp.bincount needs a static length; segment_sum has one.
         data = ops.ones_like(index, "float32") if weights is None else weights
-        return ops.segment_sum(data, index, num_segments=bins)
-    # TensorFlow and torch: bincount is several times faster than their
-    # segment sums on CPU. `index < bins`, so the length is exactly `bins`.
-    counts = ops.bincount(index, weights=weights, minlength=bins)
-    return ops.reshape(_float32(counts), (bins,))
+        counts = ops.segment_sum(data, index, num_segments=bins + 1)
+    else:
+        # TensorFlow and torch: bincount is several times faster than their
+        # segment sums on CPU. `index <= bins`: the length is `bins + 1`.
+        counts = ops.bincount(index, weights=weights, minlength=bins + 1)
+        counts = ops.reshape(_float32(counts), (bins + 1,))
+    return ops.concatenate(
+        [counts[: bins - 1], ops.reshape(counts[bins - 1] + counts[bins], (1,))]
+    )
 
 
 def histogram(x: Tensor, bins: int, finite: Tensor | None = None) -> Tensor:
@@ -233,8 +242,9 @@ def histogram(x: Tensor, bins: int, finite: Tensor | None = None) -> Tensor:
     def bucket(values: Tensor, low: Tensor, high: Tensor) -> Tensor:
         width = high - low
         scale = ops.where(width > 0, bins / ops.where(width > 0, width, 1.0), 0.0)
-        # values >= low, so truncation is floor; the maximum lands in `bins`.
-        return ops.minimum(ops.cast((values - low) * scale, "int32"), bins - 1)
+        # values >= low, so truncation is floor; the index is in [0, bins],
+        # `bins` only for the maximum (see `_count`).
+        return ops.cast((values - low) * scale, "int32")
 
     def all_finite() -> Tensor:
         low, high = ops.min(flat), ops.max(flat)
