@@ -337,6 +337,11 @@ def check_inputs(model: keras.Model, x: Any) -> None:
             )
         leaves = [x[name] for name in declared]
         specs = [declared[name] for name in declared]
+    elif isinstance(x, dict) and all(
+        getattr(spec, "name", None) in x for spec in specs
+    ):
+        # A dict keyed by input names, for inputs declared as a list.
+        leaves = [x[spec.name] for spec in specs]
     else:
         leaves = keras.tree.flatten(x)
     if len(leaves) != len(specs):

@@ -948,3 +948,16 @@ def test_probe_order_is_that_of_the_pass_that_ran():
     np.testing.assert_allclose(
         with_noise["hidden"].gradient, 2.0 * first["hidden"].gradient, rtol=1e-6
     )
+
+
+def test_dict_batch_for_inputs_declared_as_a_list():
+    # Regression: a dict keyed by input names was flattened in key order and
+    # checked against the list of inputs (a wrong shape error).
+    z, a = keras.Input((2,), name="z"), keras.Input((3,), name="a")
+    joined = GradientProbe(name="p")(keras.layers.Concatenate()([z, a]))
+    model = keras.Model([z, a], keras.layers.Dense(1)(joined))
+    x_z, x_a = rng_normal((2, 2)), rng_normal((2, 3), 1)
+    by_name = activation_gradients(model, {"a": x_a, "z": x_z}, loss="sum")["p"]
+    by_position = activation_gradients(model, [x_z, x_a], loss="sum")["p"]
+    np.testing.assert_array_equal(by_name.activation, np.concatenate([x_z, x_a], 1))
+    np.testing.assert_array_equal(by_name.gradient, by_position.gradient)
