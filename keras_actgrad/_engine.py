@@ -676,6 +676,13 @@ def get_engine(model: keras.Model) -> ProbeEngine:
     return engine
 
 
+def _half_to_float32(array: np.ndarray) -> np.ndarray:
+    """Gradients of float16 / bfloat16 probes are returned as float32."""
+    if array.dtype.itemsize == 2 and array.dtype.kind in "fV":
+        return array.astype(np.float32)
+    return array
+
+
 def activation_gradients(
     model: keras.Model,
     x: Any,
@@ -740,7 +747,7 @@ def activation_gradients(
         gradient = out["gradients"].get(name)
         results[name] = ActivationGradient(
             activation=to_numpy(activation),
-            gradient=None if gradient is None else to_numpy(gradient),
+            gradient=None if gradient is None else _half_to_float32(to_numpy(gradient)),
         )
     for probe in engine.probes:
         if probe.name not in results:

@@ -584,3 +584,39 @@ def test_disk_full_mid_run_warns_once_and_training_continues(tmp_path):
     twin = mlp()
     twin_history = twin.fit(x, y, epochs=4, verbose=0)
     assert twin_history.history["loss"] == history.history["loss"]
+
+
+# --- mixed precision on every backend ------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_half_precision_probe_gradients_are_float32_and_right(policy):
+    # Closed form: with a bias-free linear head w and MSE over N examples,
+    # d loss / d h = 2 / N * (h @ w - y) @ w.T, computed in float64 NumPy
+    # from the same weights.
+    keras.config.set_dtype_policy(policy)
+    try:
+        keras.utils.set_random_seed(4)
+        model = keras.Sequential(
+            [
+                keras.Input((4,)),
+                keras.layers.Dense(8, activation="tanh", name="d1"),
+                GradientProbe(name="h"),
+                keras.layers.Dense(1, use_bias=False, name="head"),
+            ]
+        )
+        model.compile("sgd", "mse")
+    finally:
+        keras.config.set_dtype_policy("float32")
+    x, y = data()
+    y = y[:, :1]
+    result = activation_gradients(model, x, y)["h"]
+    kernel, bias = (np.float64(w) for w in model.get_layer("d1").get_weights())
+    w = np.float64(model.get_layer("head").get_weights()[0])
+    h = np.tanh(x @ kernel + bias)
+    expected = 2.0 / len(x) * (h @ w - y) @ w.T
+    assert str(result.activation.dtype) == policy.split("_")[1]
+    assert result.gradient.dtype == np.float32
+    tolerance = 1e-2 if policy == "mixed_float16" else 6e-2
+    error = np.max(np.abs(result.gradient - expected))
+    assert error <= tolerance * np.max(np.abs(expected))
