@@ -130,6 +130,14 @@ def _walk(layer: Any, seen: set[int]) -> Iterator[keras.layers.Layer]:
         yield from _walk(sub, seen)
 
 
+def _graph_layers(model: keras.Model) -> Iterator[keras.layers.Layer]:
+    """The layers of a graph model and of the graph models nested in it."""
+    for layer in model.layers:
+        yield layer
+        if _is_graph_model(layer):
+            yield from _graph_layers(layer)
+
+
 def find_probes(model: keras.layers.Layer) -> list[GradientProbe]:
     """Lists the `GradientProbe` layers of a model, in forward order.
 
@@ -171,13 +179,21 @@ def _selector(layers: LayerSelector, model: keras.Model) -> Callable[[Any], bool
             "`layers` must be layer names, layer classes, or a predicate "
             f"`layer -> bool`. Received: layers={layers!r}."
         )
-    known = {layer.name for layer in _walk(model, set())}
+    known = {layer.name for layer in _graph_layers(model)}
     unknown = sorted(names - known)
     if unknown:
+        inner = sorted(set(unknown) & {layer.name for layer in _walk(model, set())})
+        hint = (
+            f" {inner} are sublayers inside a layer, not layers of the model's "
+            "graph: `insert_probes` places probes between graph layers only. "
+            "To probe inside a layer, call a `GradientProbe` in its `call()`."
+            if inner
+            else ""
+        )
         raise ValueError(
             f"`insert_probes` found no layer named {unknown} in model "
-            f"'{model.name}'. Pass names of existing layers, layer classes, "
-            f"or a predicate. Available layer names: {sorted(known)}. "
+            f"'{model.name}'.{hint} Pass names of existing layers, layer "
+            f"classes, or a predicate. Available layer names: {sorted(known)}. "
             f"Received: layers={layers!r}."
         )
     inputs = sorted(

@@ -574,3 +574,18 @@ def test_insert_probes_on_an_input_says_how_to_probe_inputs():
         assert "pixels" in message
         assert "GradientProbe(name='input_probe')(inputs)" in message
         assert "Received:" in message
+
+
+def test_insert_probes_name_of_a_sublayer_inside_a_layer():
+    inputs = keras.Input((3, 4))
+    attention = keras.layers.MultiHeadAttention(2, 2, name="mha")
+    outputs = keras.layers.Dense(1, name="head")(attention(inputs, inputs))
+    model = keras.Model(inputs, outputs)
+    probed = insert_probes(model)
+    assert _names(find_probes(probed)) == ["mha_probe", "head_probe"]
+    with pytest.raises(ValueError, match="sublayers inside a layer") as info:
+        insert_probes(model, layers=["query"])
+    message = str(info.value)
+    assert "'query'" in message
+    assert "call()" in message
+    assert "Available layer names" in message and "'mha'" in message
