@@ -319,7 +319,8 @@ def insert_probes(model: keras.Model, layers: LayerSelector = None) -> keras.Mod
 
     Raises:
         ValueError: for a subclassed model (place `GradientProbe` in `call()`
-            yourself), an unbuilt model, or an unknown layer name.
+            yourself), an unbuilt model, an unknown layer name, a model input,
+            or a selection that matches no layer.
 
     Example:
 
@@ -367,11 +368,22 @@ def insert_probes(model: keras.Model, layers: LayerSelector = None) -> keras.Mod
                 return None
             if not select(layer):
                 return None
+            placed.append(layer.name)
             return GradientProbe(name=probe_name(layer, index))
 
         return _rebuild(current, replace, lambda layer: False, after)
 
-    return _compile_like(insert(model), model)
+    placed: list[str] = []
+    new = insert(model)
+    if not placed:
+        raise ValueError(
+            f"`insert_probes` selected no layer of model '{model.name}', so it "
+            "would place no probe. Select layers by name, class or predicate "
+            "(the default selects every layer with weights). Available layer "
+            f"names: {sorted(layer.name for layer in _graph_layers(model))}. "
+            f"Received: layers={layers!r}."
+        )
+    return _compile_like(new, model)
 
 
 def strip_probes(model: keras.Model) -> keras.Model:

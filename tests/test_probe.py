@@ -589,3 +589,15 @@ def test_insert_probes_name_of_a_sublayer_inside_a_layer():
     assert "'query'" in message
     assert "call()" in message
     assert "Available layer names" in message and "'mha'" in message
+
+
+def test_insert_probes_selection_that_matches_nothing():
+    model = _mlp()
+    with pytest.raises(ValueError, match="selected no layer") as info:
+        insert_probes(model, layers=keras.layers.Conv2D)
+    assert "d1" in str(info.value) and "Received:" in str(info.value)
+    with pytest.raises(ValueError, match="selected no layer"):
+        insert_probes(model, layers=lambda layer: False)
+    weightless = keras.Sequential([keras.Input((3,)), keras.layers.Activation("relu")])
+    with pytest.raises(ValueError, match="selected no layer"):
+        insert_probes(weightless)
