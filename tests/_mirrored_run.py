@@ -87,6 +87,12 @@ def main():
         inside = keras_actgrad.activation_gradients(model, px, py)
     report["inside_error"] = max_error(inside, reference)
 
+    try:
+        strategy.run(lambda: keras_actgrad.activation_gradients(model, px, py))
+        report["replica_context_error"] = None
+    except RuntimeError as error:
+        report["replica_context_error"] = str(error)
+
     log_dir = tempfile.mkdtemp()
     callback = keras_actgrad.ActivationGradientCallback(
         (px, py), log_dir=log_dir, statistics=["grad_norm"], histograms=False

@@ -95,6 +95,12 @@ def test_activation_gradients_inside_strategy_scope(mirrored):
     assert mirrored["inside_error"] <= 1e-6 * mirrored["reference_max"] + 1e-8
 
 
+def test_inside_strategy_run_is_a_clear_error(mirrored):
+    message = mirrored["replica_context_error"]
+    assert message is not None
+    assert "replica context" in message and "Received:" in message
+
+
 def test_callback_during_mirrored_fit(mirrored):
     assert mirrored["trained"]
     for name, (logged, reference) in mirrored["callback"].items():
