@@ -1,5 +1,9 @@
 """Tests for `GradientProbe`, `find_probes`, `insert_probes`, `strip_probes`."""
 
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -601,3 +605,40 @@ def test_insert_probes_selection_that_matches_nothing():
     weightless = keras.Sequential([keras.Input((3,)), keras.layers.Activation("relu")])
     with pytest.raises(ValueError, match="selected no layer"):
         insert_probes(weightless)
+
+
+def test_saved_model_loads_in_a_fresh_process_after_importing_the_package(tmp_path):
+    model = insert_probes(_mlp())
+    path = tmp_path / "probed.keras"
+    model.save(path)
+    x, _ = _data()
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", model.predict(x, verbose=0))
+    script = (
+        "import sys, numpy as np, keras, keras_actgrad\n"
+        "model = keras.saving.load_model(sys.argv[1])\n"
+        "probes = [p.name for p in keras_actgrad.find_probes(model)]\n"
+        "assert probes == ['d1_probe', 'd2_probe', 'head_probe'], probes\n"
+        "x, y = np.load(sys.argv[2]), np.load(sys.argv[3])\n"
+        "np.testing.assert_array_equal(model.predict(x, verbose=0), y)\n"
+        "print('loaded')\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, TF_CPP_MIN_LOG_LEVEL="3")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            str(path),
+            str(tmp_path / "x.npy"),
+            str(tmp_path / "y.npy"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "loaded" in done.stdout
