@@ -152,9 +152,9 @@ class _Probe:
             "grad_mean_abs": lambda: ops.mean(self._abs_g()),
             "grad_std": self._grad_std,
             "grad_max_abs": lambda: ops.max(self._abs_g()),
-            "grad_zero_fraction": lambda: _fraction(ops.equal(self.g, 0.0)),
+            "grad_zero_fraction": self._grad_zero_fraction,
             "act_mean": self._a_mean,
-            "act_std": lambda: ops.std(self.a),
+            "act_std": lambda: ops.sqrt(ops.mean(ops.square(self.a - self._a_mean()))),
             "act_zero_fraction": self._act_zero_fraction,
             "dead_unit_fraction": self._dead_unit_fraction,
             "sample_grad_norm_mean": lambda: ops.mean(self._sample_norms()),
@@ -171,6 +171,18 @@ class _Probe:
             lambda: keras.ops.sum(
                 _float32(keras.ops.logical_not(keras.ops.isfinite(g)))
             ),
+        )
+
+    def _grad_zero_fraction(self) -> Tensor:
+        ops = keras.ops
+        g = self.g
+        abs_g = self._abs_g()
+        # sign(|g|) is 1 where g != 0 (two passes, reusing |g|); NaN entries
+        # would make it NaN, so the non-finite case compares instead.
+        return ops.cond(
+            self.grad_finite(),
+            lambda: 1.0 - ops.mean(ops.sign(abs_g)),
+            lambda: _fraction(ops.equal(g, 0.0)),
         )
 
     def _grad_std(self) -> Tensor:

@@ -69,7 +69,10 @@ def conv_model():
     h = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inputs)
     h = keras_actgrad.GradientProbe(name="conv_out")(h)
     h = keras.layers.Flatten()(h)
-    h = keras.layers.Dense(5, activation="relu", name="hidden")(h)
+    h = keras.layers.Dense(5, name="hidden")(h)
+    # Before the ReLU, the gradient is exactly 0 wherever the unit is off.
+    h = keras_actgrad.GradientProbe(name="pre_relu")(h)
+    h = keras.layers.Activation("relu")(h)
     h = keras_actgrad.GradientProbe(name="hidden_out")(h)
     outputs = keras.layers.Dense(3, name="head")(h)
     model = keras.Model(inputs, outputs)
@@ -89,7 +92,9 @@ def test_statistics_match_numpy_definitions():
     y = rng.normal(size=(7, 3)).astype("float32")
     reduced = reduce(model, x, y)
     results = keras_actgrad.activation_gradients(model, x, y)
-    assert sorted(reduced.statistics) == ["conv_out", "hidden_out"]
+    assert sorted(reduced.statistics) == ["conv_out", "hidden_out", "pre_relu"]
+    # The constructed zeros are there to be counted.
+    assert reduced.statistics["pre_relu"]["grad_zero_fraction"] >= 2 / 5
     for probe, result in results.items():
         expected = reference_statistics(result.activation, result.gradient)
         for name in STATISTICS:
