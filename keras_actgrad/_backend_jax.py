@@ -28,12 +28,51 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
-from keras_actgrad._engine import LossFn, PassConfig, Tapped, forward
+from keras_actgrad._engine import (
+    SCALE_DIVISOR,
+    LossFn,
+    PassConfig,
+    Tapped,
+    forward,
+    loss_scale,
+)
 
 
 def _is_float(tensor: Any) -> bool:
     dtype = getattr(tensor, "dtype", None)
     return dtype is not None and bool(jnp.issubdtype(dtype, jnp.floating))
+
+
+def _to_float32(gradient: Any) -> Any:
+    if gradient.dtype in (jnp.float16, jnp.bfloat16):
+        return gradient.astype(jnp.float32)
+    return gradient
+
+
+def _scaled(pullback: Callable[[Any], Any], scale: Any) -> Any:
+    """`pullback` of a float16 pass, loss-scaled, unscaled in float32.
+
+    The cotangent is `scale`; while the gradients overflow (and the scale is
+    above 1), the scale is divided by `SCALE_DIVISOR`, as TensorFlow's
+    adapter and `keras.optimizers.LossScaleOptimizer` do.
+    """
+
+    def compute(current: Any) -> Any:
+        return jax.tree_util.tree_map(
+            lambda g: g.astype(jnp.float32) / current, pullback(current)
+        )
+
+    def overflowing(state: Any) -> Any:
+        current, grads = state
+        leaves = jax.tree_util.tree_leaves(grads)
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in leaves]))
+        return jnp.logical_and(current > 1.0, jnp.logical_not(finite))
+
+    def smaller(state: Any) -> Any:
+        current = jnp.maximum(state[0] / SCALE_DIVISOR, 1.0)
+        return current, compute(current)
+
+    return jax.lax.while_loop(overflowing, smaller, (scale, compute(scale)))[1]
 
 
 def _subjaxpr(eqn: Any) -> Any:
@@ -145,6 +184,7 @@ class JaxAdapter:
             x: Any,
             y: Any,
             sample_weight: Any,
+            scale: Any,
         ) -> Any:
             # 1. An abstract pass gives the probes' shapes (trace time only).
             record: list[tuple[str, Any, bool]] = []
@@ -157,6 +197,7 @@ class JaxAdapter:
                 sample_weight,
             )
             specs = [spec for _, spec, ok in record if ok]
+            float16 = any(spec.dtype == jnp.float16 for spec in specs)
             perturbations = [jnp.zeros(spec.shape, spec.dtype) for spec in specs]
 
             # 2. Forward and backward, traced once into a jaxpr whose inputs
@@ -169,6 +210,7 @@ class JaxAdapter:
                 y: Any,
                 sample_weight: Any,
                 cotangent: Any,
+                scale: Any,
             ) -> Any:
                 def loss_of(trainable: list[Any], perturbations: list[Any]) -> Any:
                     return run(
@@ -179,14 +221,18 @@ class JaxAdapter:
                     loss, pullback, activations = jax.vjp(
                         loss_of, trainable, perturbations, has_aux=True
                     )
-                    weight_grads, probe_grads = pullback(cotangent)
                 else:
                     loss, pullback, activations = jax.vjp(
                         lambda p: loss_of(trainable, p), perturbations, has_aux=True
                     )
-                    (probe_grads,) = pullback(cotangent)
-                    weight_grads = []
-                return loss, activations, probe_grads, weight_grads
+                # The plain pullback shows connectivity (and is the result
+                # unless a probe is float16: XLA drops it then).
+                plain = pullback(cotangent)
+                grads = _scaled(pullback, scale) if float16 else plain
+                if not config.weight_gradients:
+                    plain, grads = ((), *plain), ((), *grads)
+                grads = jax.tree_util.tree_map(_to_float32, grads)
+                return loss, activations, plain, grads
 
             args = (
                 trainable,
@@ -196,18 +242,20 @@ class JaxAdapter:
                 y,
                 sample_weight,
                 jnp.ones((), jnp.float32),
+                scale,
             )
             closed, out_shape = jax.make_jaxpr(full, return_shape=True)(*args)
             flat_args = jax.tree_util.tree_leaves(args)
-            marked = [False] * (len(flat_args) - 1) + [True]
+            marked = [False] * (len(flat_args) - 2) + [True, False]
             connected_flat = _depends(closed.jaxpr, marked)
             flat_out = jax_core.jaxpr_as_fun(closed)(*flat_args)
             out_tree = jax.tree_util.tree_structure(out_shape)
-            loss, activations, probe_grads, weight_grads = jax.tree_util.tree_unflatten(
+            loss, activations, _, grads = jax.tree_util.tree_unflatten(
                 out_tree, flat_out
             )
+            weight_grads, probe_grads = grads
             connected = jax.tree_util.tree_unflatten(out_tree, connected_flat)
-            _, _, probe_connected, weight_connected = connected
+            weight_connected, probe_connected = connected[2]
 
             tapped: list[Tapped] = []
             gradients: dict[str, Any] = {}
@@ -246,6 +294,7 @@ class JaxAdapter:
                 _distribute(x),
                 _distribute(y),
                 _distribute(sample_weight),
+                jnp.asarray(loss_scale(model), jnp.float32),
             )
 
         return function

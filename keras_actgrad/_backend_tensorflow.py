@@ -32,10 +32,19 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_actgrad._engine import LossFn, PassConfig, Tapped, forward, probe_scope
+from keras_actgrad._engine import (
+    DEFAULT_LOSS_SCALE,
+    SCALE_DIVISOR,
+    LossFn,
+    PassConfig,
+    Tapped,
+    forward,
+    loss_scale,
+    probe_scope,
+)
 
-DEFAULT_LOSS_SCALE = 2.0**15
-_SCALE_DIVISOR = 16.0
+__all__ = ["DEFAULT_LOSS_SCALE", "TensorFlowAdapter", "loss_scale"]
+_SCALE_DIVISOR = SCALE_DIVISOR
 
 
 def _is_float(tensor: Any) -> bool:
@@ -44,16 +53,6 @@ def _is_float(tensor: Any) -> bool:
 
 def _is_float16(tapped: Tapped) -> bool:
     return tapped.differentiable and tapped.activation.dtype == tf.float16
-
-
-def loss_scale(model: keras.Model) -> float:
-    """The loss scale of a float16 probe pass: the optimizer's, if it has one."""
-    optimizer = getattr(model, "optimizer", None)
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        if optimizer.built:
-            return float(keras.ops.convert_to_numpy(optimizer.dynamic_scale))
-        return float(optimizer.initial_scale)
-    return DEFAULT_LOSS_SCALE
 
 
 def _to_float32(gradient: Any) -> Any:

@@ -30,7 +30,15 @@ import keras
 import numpy as np
 import torch
 
-from keras_actgrad._engine import LossFn, PassConfig, Tapped, forward, probe_scope
+from keras_actgrad._engine import (
+    SCALE_DIVISOR,
+    LossFn,
+    PassConfig,
+    Tapped,
+    forward,
+    loss_scale,
+    probe_scope,
+)
 
 
 def _is_float(tensor: Any) -> bool:
@@ -42,6 +50,35 @@ def _signature(data: Any) -> Any:
         (tuple(getattr(leaf, "shape", ())), str(getattr(leaf, "dtype", type(leaf))))
         for leaf in keras.tree.flatten(data)
     )
+
+
+def _gradients(loss: Any, inputs: list[Any], scale: float) -> tuple[Any, ...]:
+    """d loss / d inputs in float32; loss-scaled when `scale` > 1.
+
+    With float16 probes the backward pass runs with the output gradient
+    `scale`; while the gradients overflow (and the scale is above 1) the
+    scale is divided by `SCALE_DIVISOR`, as TensorFlow's adapter and
+    `keras.optimizers.LossScaleOptimizer` do. Unscaled in float32.
+    """
+    if scale == 1.0:
+        found = torch.autograd.grad(loss, inputs, allow_unused=True)
+        return tuple(None if g is None else _to_float32(g) for g in found)
+    while True:
+        seed = torch.full_like(loss, scale)
+        found = torch.autograd.grad(
+            loss, inputs, grad_outputs=seed, allow_unused=True, retain_graph=scale > 1
+        )
+        grads = tuple(None if g is None else _to_float32(g) / scale for g in found)
+        finite = all(bool(torch.isfinite(g).all()) for g in grads if g is not None)
+        if finite or scale <= 1.0:
+            return grads
+        scale = max(scale / SCALE_DIVISOR, 1.0)
+
+
+def _to_float32(gradient: Any) -> Any:
+    if gradient.dtype in (torch.float16, torch.bfloat16):
+        return gradient.float()
+    return gradient
 
 
 def _cuda_devices() -> list[int]:
@@ -97,9 +134,12 @@ class TorchAdapter:
                 values = [v.value for v in variables]
                 inputs = handles + [v for v in values if v.requires_grad]
                 if inputs and loss.requires_grad:
-                    found = torch.autograd.grad(loss, inputs, allow_unused=True)
+                    float16 = any(h.dtype == torch.float16 for h in handles)
+                    found = _gradients(
+                        loss, inputs, loss_scale(model) if float16 else 1.0
+                    )
                 else:
-                    found = (None,) * len(inputs)  # type: ignore[assignment]
+                    found = (None,) * len(inputs)
             del y_pred
 
             probes = [(t.name, t.differentiable) for t in tapped]

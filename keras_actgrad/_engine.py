@@ -534,6 +534,25 @@ def probe_scope(model: keras.Model) -> keras.StatelessScope:
     return keras.StatelessScope(state_mapping=regularized, collect_losses=True)
 
 
+DEFAULT_LOSS_SCALE = 2.0**15
+SCALE_DIVISOR = 16.0
+
+
+def loss_scale(model: keras.Model) -> float:
+    """The loss scale of a float16 probe pass: the optimizer's, if it has one.
+
+    Every adapter scales the backward pass of a pass with float16 probes by
+    this, divides it by `SCALE_DIVISOR` while the gradients overflow (down to
+    1), and unscales in float32.
+    """
+    optimizer = getattr(model, "optimizer", None)
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        if optimizer.built:
+            return float(keras.ops.convert_to_numpy(optimizer.dynamic_scale))
+        return float(optimizer.initial_scale)
+    return DEFAULT_LOSS_SCALE
+
+
 def forward(
     model: keras.Model, x: Any, training: bool, tap: Callable[[Any, Any], Any]
 ) -> Any:

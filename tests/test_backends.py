@@ -390,3 +390,38 @@ def test_torch_keeps_no_graph() -> None:
         assert isinstance(tensor, torch.Tensor)
         assert not tensor.requires_grad and tensor.grad_fn is None
     assert all(v.value.grad is None for v in model.trainable_variables)
+
+
+@pytest.fixture
+def mixed_float16() -> Any:
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def test_float16_gradients_are_loss_scaled(mixed_float16: Any) -> None:
+    # loss = 1e-8 * sum(h): d loss / d h = 1e-8 everywhere, below float16's
+    # smallest subnormal (6e-8): without loss scaling it would be 0.
+    inputs = keras.Input((3,))
+    h = keras.layers.Dense(4, name="dense")(inputs)
+    h = GradientProbe(name="p")(h)
+    outputs = keras.layers.Lambda(lambda t: 1e-8 * keras.ops.cast(t, "float32"))(h)
+    model = keras.Model(inputs, outputs)
+    x = np.ones((2, 3), "float32")
+    results = keras_actgrad.activation_gradients(model, x, loss="sum")
+    assert results["p"].activation.dtype == np.float16
+    assert results["p"].gradient.dtype == np.float32
+    np.testing.assert_allclose(results["p"].gradient, np.full((2, 4), 1e-8), rtol=1e-3)
+
+
+def test_float16_overflowing_scale_is_reduced(mixed_float16: Any) -> None:
+    # d loss / d h = 10: scaled by 2**15 it overflows float16 (max 65504);
+    # the scale is divided until it does not.
+    inputs = keras.Input((3,))
+    h = GradientProbe(name="p")(keras.layers.Dense(4, name="dense")(inputs))
+    outputs = keras.layers.Lambda(lambda t: 10.0 * keras.ops.cast(t, "float32"))(h)
+    model = keras.Model(inputs, outputs)
+    results = keras_actgrad.activation_gradients(
+        model, np.ones((2, 3), "float32"), loss="sum"
+    )
+    np.testing.assert_allclose(results["p"].gradient, np.full((2, 4), 10.0))
