@@ -138,6 +138,50 @@ def _graph_layers(model: keras.Model) -> Iterator[keras.layers.Layer]:
             yield from _graph_layers(layer)
 
 
+def _is_probe_entry(entry: Any) -> bool:
+    return isinstance(entry, dict) and (
+        entry.get("registered_name") == "keras_actgrad>GradientProbe"
+        or entry.get("class_name") == "GradientProbe"
+    )
+
+
+def _histories(value: Any) -> Iterator[str]:
+    """Names of the layers a serialized node's arguments come from."""
+    if isinstance(value, dict):
+        history = value.get("keras_history")
+        if isinstance(history, (list, tuple)) and history:
+            yield str(history[0])
+        for item in value.values():
+            yield from _histories(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _histories(item)
+
+
+def _probed_layer_names(model: keras.Model) -> set[str]:
+    """Names of the layers of this graph level whose output feeds a probe.
+
+    Read from the model's config (the graph as serialized), which names each
+    probe's producer in *this* model even when layers are shared with others.
+    """
+    try:
+        entries = model.get_config().get("layers", [])
+    except (NotImplementedError, TypeError, ValueError):
+        return set()
+    names: set[str] = set()
+    if isinstance(model, keras.Sequential):
+        previous = None
+        for entry in entries:
+            if _is_probe_entry(entry) and previous is not None:
+                names.add(previous)
+            previous = entry.get("config", {}).get("name")
+        return names
+    for entry in entries:
+        if _is_probe_entry(entry):
+            names.update(_histories(entry.get("inbound_nodes", [])))
+    return names
+
+
 def find_probes(model: keras.layers.Layer) -> list[GradientProbe]:
     """Lists the `GradientProbe` layers of a model, in forward order.
 
@@ -306,7 +350,9 @@ def insert_probes(model: keras.Model, layers: LayerSelector = None) -> keras.Mod
     works right away. Nested Sequential and Functional models are rebuilt
     with probes inside them. Each probe is named `<layer name>_probe`; a
     layer with several outputs (e.g. an RNN returning its states) gets one
-    probe per output tensor, `<layer name>_<index>_probe`.
+    probe per output tensor, `<layer name>_<index>_probe`. A layer already
+    followed by a probe gets no second one, so inserting twice changes
+    nothing.
 
     Args:
         model: A built Sequential or Functional model.
@@ -360,6 +406,8 @@ def insert_probes(model: keras.Model, layers: LayerSelector = None) -> keras.Mod
         return name
 
     def insert(current: keras.Model) -> keras.Model:
+        probed = _probed_layer_names(current)
+
         def replace(layer: keras.layers.Layer) -> keras.layers.Layer:
             return insert(layer) if _is_graph_model(layer) else layer
 
@@ -368,14 +416,17 @@ def insert_probes(model: keras.Model, layers: LayerSelector = None) -> keras.Mod
                 return None
             if not select(layer):
                 return None
-            placed.append(layer.name)
+            if layer.name in probed:  # already followed by a probe
+                selected.append(layer.name)
+                return None
+            selected.append(layer.name)
             return GradientProbe(name=probe_name(layer, index))
 
         return _rebuild(current, replace, lambda layer: False, after)
 
-    placed: list[str] = []
+    selected: list[str] = []
     new = insert(model)
-    if not placed:
+    if not selected:
         raise ValueError(
             f"`insert_probes` selected no layer of model '{model.name}', so it "
             "would place no probe. Select layers by name, class or predicate "

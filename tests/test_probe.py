@@ -642,3 +642,28 @@ def test_saved_model_loads_in_a_fresh_process_after_importing_the_package(tmp_pa
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "loaded" in done.stdout
+
+
+def test_insert_probes_twice_adds_no_second_probe():
+    model = _multi_io()
+    once = insert_probes(model)
+    twice = insert_probes(once)
+    assert _names(find_probes(twice)) == _names(find_probes(once))
+    seq = insert_probes(_mlp())
+    assert _names(find_probes(insert_probes(seq))) == _names(find_probes(seq))
+    inner = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(3, name="inner_dense")], name="inner"
+    )
+    inputs = keras.Input((4,))
+    nested = keras.Model(inputs, keras.layers.Dense(1, name="top")(inner(inputs)))
+    nested_once = insert_probes(nested)
+    assert _names(find_probes(nested_once)) == ["inner_dense_probe", "top_probe"]
+    assert _names(find_probes(insert_probes(nested_once))) == [
+        "inner_dense_probe",
+        "top_probe",
+    ]
+    # A hand-placed probe counts too: only the unprobed layers get one.
+    inputs = keras.Input((4,))
+    h = GradientProbe(name="mine")(keras.layers.Dense(3, name="a")(inputs))
+    partly = keras.Model(inputs, keras.layers.Dense(2, name="b")(h))
+    assert _names(find_probes(insert_probes(partly))) == ["mine", "b_probe"]
