@@ -14,6 +14,7 @@ pass never changes the model, whatever `training` is.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import inspect
 import warnings
@@ -32,6 +33,8 @@ LossSpec: TypeAlias = str | Callable[..., Any]
 LossFn: TypeAlias = Callable[[Any, Any, Any, Any], Tensor]
 
 _NAMED_LOSSES = ("model", "sum")
+# Compiled probe functions kept per model (least recently used dropped).
+MAX_COMPILED_FUNCTIONS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -571,7 +574,9 @@ class ProbeEngine:
     def __init__(self, model: keras.Model) -> None:
         self._model_ref = weakref.ref(model)
         self._adapter = _adapter()
-        self._functions: dict[Hashable, Callable[[Any, Any, Any], Any]] = {}
+        self._functions: collections.OrderedDict[
+            Hashable, Callable[[Any, Any, Any], Any]
+        ] = collections.OrderedDict()
         self.trace_count = 0
         self.probe_order: list[str] = []
         # The model's probes as the last `run` found them (in `check_model`).
@@ -610,7 +615,9 @@ class ProbeEngine:
     def function(self, config: PassConfig) -> Callable[[Any, Any, Any], Any]:
         key = config.key
         function = self._functions.get(key)
-        if function is None:
+        if function is not None:
+            self._functions.move_to_end(key)
+        else:
             loss_fn = resolve_loss(self.model, config.loss, config.training)
 
             def on_trace(tapped: list[Tapped]) -> None:
@@ -618,6 +625,10 @@ class ProbeEngine:
 
             function = self._adapter.compile(self.model, loss_fn, config, on_trace)
             self._functions[key] = function
+            # A new loss object per call (e.g. a new lambda) compiles a new
+            # function: keep only the most recently used ones.
+            while len(self._functions) > MAX_COMPILED_FUNCTIONS:
+                self._functions.popitem(last=False)
         return function
 
     def run(self, x: Any, y: Any, sample_weight: Any, config: PassConfig) -> Any:

@@ -964,3 +964,21 @@ def test_dict_batch_for_inputs_declared_as_a_list():
     by_position = activation_gradients(model, [x_z, x_a], loss="sum")["p"]
     np.testing.assert_array_equal(by_name.activation, np.concatenate([x_z, x_a], 1))
     np.testing.assert_array_equal(by_name.gradient, by_position.gradient)
+
+
+def test_compiled_functions_are_bounded_and_each_uses_its_own_loss():
+    """A new loss object per call compiles anew; the cache keeps only the
+    most recent functions, and each call differentiates its own loss:
+    d (k * sum(y_pred)) / d y_pred = k everywhere (closed form)."""
+    from keras_actgrad._engine import MAX_COMPILED_FUNCTIONS
+
+    inputs = keras.Input((3,))
+    outputs = GradientProbe(name="out")(keras.layers.Dense(2)(inputs))
+    model = keras.Model(inputs, outputs)
+    x = np.ones((4, 3), "float32")
+    for k in range(MAX_COMPILED_FUNCTIONS + 4):
+        result = activation_gradients(
+            model, x, loss=lambda y_true, y_pred, k=k: k * keras.ops.sum(y_pred)
+        )
+        np.testing.assert_array_equal(result["out"].gradient, np.full((4, 2), k))
+    assert len(get_engine(model)._functions) == MAX_COMPILED_FUNCTIONS
