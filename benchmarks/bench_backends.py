@@ -24,28 +24,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 BACKENDS = ("tensorflow", "jax", "torch")
-DEPTH, WIDTH, BATCH, CLASSES = 10, 512, 512, 10
-
-
-def median_times(
-    functions: dict[str, Callable[[], object]], reps: int
-) -> dict[str, float]:
-    """Median wall time of each function over `reps` interleaved rounds."""
-    times: dict[str, list[float]] = {name: [] for name in functions}
-    for _ in range(reps):
-        for name, function in functions.items():
-            start = time.perf_counter()
-            function()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+from _reference import BATCH, CLASSES, DEPTH, WIDTH, build_model, median_times  # noqa: E402
 
 
 def run_backend(reps: int) -> int:
@@ -58,19 +42,7 @@ def run_backend(reps: int) -> int:
     from keras_actgrad._engine import PassConfig, get_engine
     from keras_actgrad._statistics import STATISTICS, StatisticsReducer
 
-    keras.utils.set_random_seed(0)
-    layers: list[keras.layers.Layer] = [keras.Input((WIDTH,))]
-    for index in range(DEPTH):
-        layers.append(
-            keras.layers.Dense(WIDTH, activation="relu", name=f"dense_{index}")
-        )
-        layers.append(keras_actgrad.GradientProbe(name=f"dense_{index}_probe"))
-    layers.append(keras.layers.Dense(CLASSES, name="logits"))
-    model = keras.Sequential(layers, name="mlp")
-    model.compile(
-        optimizer="adam",
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
+    model = build_model()
     rng = np.random.default_rng(0)
     x = rng.normal(size=(BATCH, WIDTH)).astype("float32")
     y = rng.integers(0, CLASSES, size=(BATCH,)).astype("int32")

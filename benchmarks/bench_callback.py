@@ -30,7 +30,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -38,44 +37,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from _reference import BATCH, CLASSES, DEPTH, WIDTH, build_model, median_times  # noqa: E402
 
 import keras_actgrad  # noqa: E402
 
-DEPTH, WIDTH, BATCH, CLASSES, STEPS = 10, 512, 512, 10, 16
-
-
-def build_model(probes: int = DEPTH) -> keras.Model:
-    """The reference MLP with a probe after the first `probes` hidden layers."""
-    keras.utils.set_random_seed(0)
-    layers: list[keras.layers.Layer] = [keras.Input((WIDTH,))]
-    for index in range(DEPTH):
-        layers.append(
-            keras.layers.Dense(WIDTH, activation="relu", name=f"dense_{index}")
-        )
-        if index < probes:
-            layers.append(keras_actgrad.GradientProbe(name=f"dense_{index}_probe"))
-    layers.append(keras.layers.Dense(CLASSES, name="logits"))
-    model = keras.Sequential(layers, name="mlp")
-    model.compile(
-        optimizer="adam",
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    return model
-
-
-def median_times(
-    functions: dict[str, Callable[[], object]],
-    reps: int,
-    summary: Callable[[list[float]], float] = statistics.median,
-) -> dict[str, float]:
-    """Median (or `summary`) wall time of each function over `reps` rounds."""
-    times: dict[str, list[float]] = {name: [] for name in functions}
-    for _ in range(reps):
-        for name, function in functions.items():
-            start = time.perf_counter()
-            function()
-            times[name].append(time.perf_counter() - start)
-    return {name: summary(values) for name, values in times.items()}
+STEPS = 16
 
 
 def event(

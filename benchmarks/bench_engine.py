@@ -26,37 +26,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
-from collections.abc import Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from _reference import BATCH, CLASSES, DEPTH, WIDTH, build_model, median_times  # noqa: E402
 
 import keras_actgrad  # noqa: E402
-
-DEPTH, WIDTH, BATCH, CLASSES = 10, 512, 512, 10
-
-
-def build_model() -> keras.Model:
-    keras.utils.set_random_seed(0)
-    layers: list[keras.layers.Layer] = [keras.Input((WIDTH,))]
-    for index in range(DEPTH):
-        layers.append(
-            keras.layers.Dense(WIDTH, activation="relu", name=f"dense_{index}")
-        )
-        layers.append(keras_actgrad.GradientProbe(name=f"dense_{index}_probe"))
-    layers.append(keras.layers.Dense(CLASSES, name="logits"))
-    model = keras.Sequential(layers, name="mlp")
-    model.compile(
-        optimizer="adam",
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    return model
 
 
 def naive_gradients(model: keras.Model, x: np.ndarray, y: np.ndarray) -> dict:
@@ -79,19 +58,6 @@ def naive_gradients(model: keras.Model, x: np.ndarray, y: np.ndarray) -> dict:
             loss = loss_fn(y, head(out))
         results[f"dense_{probe}_probe"] = (h.numpy(), tape.gradient(loss, h).numpy())
     return results
-
-
-def median_times(
-    functions: dict[str, Callable[[], object]], reps: int
-) -> dict[str, float]:
-    """Median wall time of each function over `reps` interleaved rounds."""
-    times: dict[str, list[float]] = {name: [] for name in functions}
-    for _ in range(reps):
-        for name, function in functions.items():
-            start = time.perf_counter()
-            function()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
