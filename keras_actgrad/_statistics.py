@@ -72,26 +72,99 @@ def check_statistics(names: Sequence[str] | None, argument: str) -> tuple[str, .
 
 # ---------------------------------------------------------------------------
 # On-device reductions.
+#
+# The device reduces each probe to a few *moments*: sums, maxima and counts
+# over the whole tensor (e.g. the sum of squares of the gradient, the number
+# of its nonzero entries). Every statistic is a closed form of these scalars,
+# evaluated on the host in float64 by `_finish`. So the device does only the
+# passes over the tensors, each once, and no per-statistic scalar arithmetic
+# (which on PyTorch, where the pass runs eagerly, costs a Keras op dispatch
+# each).
+
+# The moments each statistic needs.
+_NEEDS: dict[str, tuple[str, ...]] = {
+    "grad_norm": ("g_sum_sq",),
+    "grad_mean_abs": ("g_abs_sum", "g_size"),
+    "grad_std": ("g_sum", "g_sum_sq", "g_size"),
+    "grad_max_abs": ("g_abs_max",),
+    "grad_zero_fraction": ("g_nonzero", "g_size"),
+    "act_mean": ("a_mean",),
+    "act_std": ("a_std",),
+    "act_zero_fraction": ("a_nonzero", "a_size"),
+    "dead_unit_fraction": ("a_dead", "a_units"),
+    "sample_grad_norm_mean": ("g_sample_norm_mean",),
+    "sample_grad_norm_max": ("g_sample_norm_max",),
+    "nonfinite": ("g_nonfinite",),
+}
+
+# Every moment, in the order they are laid out in the reducer's vector.
+_MOMENTS: tuple[str, ...] = tuple(
+    dict.fromkeys(moment for needs in _NEEDS.values() for moment in needs)
+)
+
+
+def moments_for(statistics: Sequence[str]) -> tuple[str, ...]:
+    """The moments the given statistics need, in layout order."""
+    needed = {moment for name in statistics for moment in _NEEDS[name]}
+    return tuple(moment for moment in _MOMENTS if moment in needed)
+
+
+def _finish(name: str, m: dict[str, np.float64]) -> float:
+    """A statistic from its moments (host side, float64).
+
+    An empty tensor gives NaN (0 / 0), as NumPy's reductions do.
+    """
+    with np.errstate(all="ignore"):
+        return float(_closed_form(name, m))
+
+
+def _closed_form(name: str, m: dict[str, np.float64]) -> Any:
+    if name == "grad_norm":
+        return np.sqrt(m["g_sum_sq"])
+    if name == "grad_mean_abs":
+        return m["g_abs_sum"] / m["g_size"]
+    if name == "grad_std":
+        # From the moments: gradients have |mean| << std in practice, so the
+        # cancellation in E[g^2] - E[g]^2 costs no precision worth having.
+        mean = m["g_sum"] / m["g_size"]
+        return np.sqrt(np.maximum(m["g_sum_sq"] / m["g_size"] - mean * mean, 0.0))
+    if name == "grad_max_abs":
+        return m["g_abs_max"]
+    if name == "grad_zero_fraction":
+        return 1.0 - m["g_nonzero"] / m["g_size"]
+    if name == "act_zero_fraction":
+        return 1.0 - m["a_nonzero"] / m["a_size"]
+    if name == "dead_unit_fraction":
+        return m["a_dead"] / m["a_units"]
+    key = {
+        "act_mean": "a_mean",
+        "act_std": "a_std",
+        "sample_grad_norm_mean": "g_sample_norm_mean",
+        "sample_grad_norm_max": "g_sample_norm_max",
+        "nonfinite": "g_nonfinite",
+    }[name]
+    return m[key]
 
 
 def _float32(x: Tensor) -> Tensor:
     return keras.ops.cast(x, "float32")
 
 
-def _fraction(condition: Tensor) -> Tensor:
-    return keras.ops.mean(_float32(condition))
-
-
 def _nan() -> Tensor:
     return keras.ops.convert_to_tensor(float("nan"), "float32")
 
 
-class _Probe:
-    """Lazily computed statistics of one probe (each reduction done once).
+def _static(shape: Sequence[int | None]) -> bool:
+    return all(isinstance(d, int) for d in shape)
 
-    Intermediate results (squares, absolute values, zero masks, sums) are
-    shared between statistics, so each full pass over the tensor happens
-    once per probe.
+
+class _Probe:
+    """Lazily computed moments of one probe (each reduction done once).
+
+    Written with `keras.ops`, for backends that compile the pass (TensorFlow,
+    JAX). A backend adapter that runs eagerly may register a subclass with
+    native ops (`register_moments`): the same moments, without a Keras op
+    dispatch for each.
     """
 
     def __init__(self, activation: Tensor, gradient: Tensor | None) -> None:
@@ -104,33 +177,33 @@ class _Probe:
             self._cache[name] = compute()
         return self._cache[name]
 
-    def _sample_sq(self) -> Tensor:
+    # Gradient moments.
+
+    def _sample_norms(self) -> Tensor:
+        """The L2 norm of each example's gradient (`[batch]`)."""
+
         def compute() -> Tensor:
+            ops = keras.ops
             g: Tensor = self.g
             rank = len(g.shape)
             if rank == 0:
-                g = keras.ops.reshape(g, (1,))
-            sq = keras.ops.square(g)
-            if rank <= 1:
-                return sq
-            return keras.ops.sum(sq, axis=tuple(range(1, rank)))
+                return ops.reshape(ops.abs(g), (1,))
+            if rank == 1:
+                return ops.abs(g)
+            if _static(g.shape[1:]):
+                rows = ops.reshape(g, (-1, math.prod(g.shape[1:])))
+                return ops.norm(rows, axis=1)
+            return ops.sqrt(ops.sum(ops.square(g), axis=tuple(range(1, rank))))
 
-        return self._get("_sample_sq", compute)
-
-    def _sum_sq(self) -> Tensor:
-        return self._get("_sum_sq", lambda: keras.ops.sum(self._sample_sq()))
-
-    def _sample_norms(self) -> Tensor:
-        return self._get("_sample_norms", lambda: keras.ops.sqrt(self._sample_sq()))
+        return self._get("_sample_norms", compute)
 
     def _abs_g(self) -> Tensor:
         return self._get("_abs_g", lambda: keras.ops.abs(self.g))
 
-    def _a_nonzero(self) -> Tensor:
-        return self._get("_a_nonzero", lambda: keras.ops.not_equal(self.a, 0.0))
-
-    def _a_mean(self) -> Tensor:
-        return self._get("_a_mean", lambda: keras.ops.mean(self.a))
+    def g_sum_sq(self) -> Tensor:
+        return self._get(
+            "g_sum_sq", lambda: keras.ops.sum(keras.ops.square(self._sample_norms()))
+        )
 
     def grad_finite(self) -> Tensor:
         """True when every gradient entry is finite (one scalar test).
@@ -138,82 +211,103 @@ class _Probe:
         A sum of squares is finite only if every entry is (it can also
         overflow for entries above ~1e19, which only costs the slow path).
         """
-        return self._get("_g_finite", lambda: keras.ops.isfinite(self._sum_sq()))
+        return self._get("_g_finite", lambda: keras.ops.isfinite(self.g_sum_sq()))
 
     def act_finite(self) -> Tensor:
-        return self._get("_a_finite", lambda: keras.ops.isfinite(self._a_mean()))
+        return self._get("_a_finite", lambda: keras.ops.isfinite(self.a_mean()))
 
-    def statistic(self, name: str) -> Tensor:
-        if name in GRADIENT_STATISTICS and self.g is None:
+    def moment(self, name: str) -> Tensor:
+        if name.startswith("g_") and self.g is None:
             return _nan()
-        ops = keras.ops
-        compute: dict[str, Callable[[], Tensor]] = {
-            "grad_norm": lambda: ops.sqrt(self._sum_sq()),
-            "grad_mean_abs": lambda: ops.mean(self._abs_g()),
-            "grad_std": self._grad_std,
-            "grad_max_abs": lambda: ops.max(self._abs_g()),
-            "grad_zero_fraction": self._grad_zero_fraction,
-            "act_mean": self._a_mean,
-            "act_std": lambda: ops.sqrt(ops.mean(ops.square(self.a - self._a_mean()))),
-            "act_zero_fraction": self._act_zero_fraction,
-            "dead_unit_fraction": self._dead_unit_fraction,
-            "sample_grad_norm_mean": lambda: ops.mean(self._sample_norms()),
-            "sample_grad_norm_max": lambda: ops.max(self._sample_norms()),
-            "nonfinite": self._nonfinite,
-        }
-        return self._get(name, compute[name])
+        return self._get(name, getattr(self, name))
 
-    def _nonfinite(self) -> Tensor:
-        g = self.g
-        return keras.ops.cond(
-            self.grad_finite(),
-            lambda: keras.ops.zeros((), "float32"),
-            lambda: keras.ops.sum(
-                _float32(keras.ops.logical_not(keras.ops.isfinite(g)))
-            ),
-        )
+    def g_size(self) -> Tensor:
+        return _float32(keras.ops.size(self.g))
 
-    def _grad_zero_fraction(self) -> Tensor:
+    def g_sum(self) -> Tensor:
+        return keras.ops.sum(self.g)
+
+    def g_abs_sum(self) -> Tensor:
+        return keras.ops.sum(self._abs_g())
+
+    def g_abs_max(self) -> Tensor:
+        return keras.ops.max(self._abs_g())
+
+    def g_nonzero(self) -> Tensor:
+        # NaN counts as nonzero, as `g != 0` says.
+        return keras.ops.sum(_float32(keras.ops.not_equal(self.g, 0.0)))
+
+    def g_sample_norm_mean(self) -> Tensor:
+        return keras.ops.mean(self._sample_norms())
+
+    def g_sample_norm_max(self) -> Tensor:
+        return keras.ops.max(self._sample_norms())
+
+    def g_nonfinite(self) -> Tensor:
         ops = keras.ops
         g = self.g
-        abs_g = self._abs_g()
-        # sign(|g|) is 1 where g != 0 (two passes, reusing |g|); NaN entries
-        # would make it NaN, so the non-finite case compares instead.
         return ops.cond(
             self.grad_finite(),
-            lambda: 1.0 - ops.mean(ops.sign(abs_g)),
-            lambda: _fraction(ops.equal(g, 0.0)),
+            lambda: ops.zeros((), "float32"),
+            lambda: ops.sum(_float32(ops.logical_not(ops.isfinite(g)))),
         )
 
-    def _grad_std(self) -> Tensor:
-        # From the moments, reusing the sum of squares of `grad_norm`: one
-        # pass instead of three. Gradients have |mean| << std in practice, so
-        # the cancellation in E[g^2] - E[g]^2 costs no precision worth having.
+    # Activation moments.
+
+    def a_mean(self) -> Tensor:
+        return self._get("a_mean", lambda: keras.ops.mean(self.a))
+
+    def a_size(self) -> Tensor:
+        return _float32(keras.ops.size(self.a))
+
+    def a_std(self) -> Tensor:
+        # Two passes (mean, then the centred norm): activations often have a
+        # mean far from 0 relative to their spread (e.g. sigmoid outputs).
         ops = keras.ops
-        size = _float32(ops.size(self.g))
-        mean = ops.sum(self.g) / size
-        variance = ops.maximum(self._sum_sq() / size - ops.square(mean), 0.0)
-        return ops.sqrt(variance)
+        centred = ops.reshape(self.a - self.a_mean(), (-1,))
+        return ops.norm(centred) / ops.sqrt(self.a_size())
 
     def _unit_counts(self) -> Tensor:
-        """Number of nonzero activation entries per unit (last axis)."""
+        """The number of nonzero entries of each unit (index of the last axis).
+
+        Without a last axis, the whole tensor is one unit. NaN is nonzero.
+        """
 
         def compute() -> Tensor:
-            nonzero = _float32(self._a_nonzero())
+            ops = keras.ops
+            nonzero = _float32(ops.not_equal(self.a, 0.0))
             rank = len(nonzero.shape)
             if rank <= 1:
-                # No unit axis: the whole tensor is one unit.
-                return keras.ops.reshape(keras.ops.sum(nonzero), (1,))
-            return keras.ops.sum(nonzero, axis=tuple(range(rank - 1)))
+                return ops.reshape(ops.sum(nonzero), (1,))
+            return ops.sum(nonzero, axis=tuple(range(rank - 1)))
 
         return self._get("_unit_counts", compute)
 
-    def _act_zero_fraction(self) -> Tensor:
-        size = _float32(keras.ops.size(self.a))
-        return 1.0 - keras.ops.sum(self._unit_counts()) / size
+    def a_nonzero(self) -> Tensor:
+        return keras.ops.sum(self._unit_counts())
 
-    def _dead_unit_fraction(self) -> Tensor:
-        return _fraction(keras.ops.equal(self._unit_counts(), 0.0))
+    def a_dead(self) -> Tensor:
+        return keras.ops.sum(_float32(keras.ops.equal(self._unit_counts(), 0.0)))
+
+    def a_units(self) -> Tensor:
+        return _float32(keras.ops.size(self._unit_counts()))
+
+    def row(self, moments: Sequence[str]) -> Tensor:
+        """The given moments as one float32 vector."""
+        return keras.ops.stack([_float32(self.moment(m)) for m in moments])
+
+
+# Faster moment implementations registered by backend adapters.
+_PROBE_CLASSES: dict[str, type[_Probe]] = {}
+
+
+def register_moments(backend: str, probe_class: type[_Probe]) -> None:
+    """Makes `StatisticsReducer` use `probe_class` on `backend`.
+
+    `probe_class` computes the same moments as `_Probe` (it is tested
+    against the same NumPy definitions), with the backend's native ops.
+    """
+    _PROBE_CLASSES[backend] = probe_class
 
 
 def _count(index: Tensor, weights: Tensor | None, bins: int) -> Tensor:
@@ -297,8 +391,12 @@ class StatisticsReducer:
         return ("statistics", self.statistics, self.bins)
 
     @property
+    def moments(self) -> tuple[str, ...]:
+        return moments_for(self.statistics)
+
+    @property
     def row_size(self) -> int:
-        return len(self.statistics) + (2 * (2 + self.bins) if self.bins else 0)
+        return len(self.moments) + (2 * (2 + self.bins) if self.bins else 0)
 
     def __call__(
         self,
@@ -310,9 +408,11 @@ class StatisticsReducer:
         ops = keras.ops
         parts = []
         nan_row = None
+        moments = self.moments
+        probe_class = _PROBE_CLASSES.get(keras.backend.backend(), _Probe)
         for name in sorted(activations):
-            probe = _Probe(activations[name], gradients.get(name))
-            parts.append(ops.stack([probe.statistic(s) for s in self.statistics]))
+            probe = probe_class(activations[name], gradients.get(name))
+            parts.append(probe.row(moments))
             if self.bins:
                 if probe.g is None:
                     if nan_row is None:
@@ -353,12 +453,12 @@ class StatisticsReducer:
             )
         statistics: dict[str, dict[str, float]] = {}
         histograms: dict[str, dict[str, tuple[float, float, np.ndarray]]] = {}
-        s = len(self.statistics)
+        moments = self.moments
+        s = len(moments)
         for i, name in enumerate(names):
             row = vector[i * self.row_size : (i + 1) * self.row_size]
-            statistics[name] = {
-                stat: float(row[j]) for j, stat in enumerate(self.statistics)
-            }
+            values = {m: np.float64(row[j]) for j, m in enumerate(moments)}
+            statistics[name] = {stat: _finish(stat, values) for stat in self.statistics}
             if self.bins:
                 width = 2 + self.bins
                 gradient = row[s : s + width]

@@ -149,6 +149,35 @@ def test_nonfinite_closed_form():
     assert counts.sum() == finite.size  # non-finite entries are left out
 
 
+def test_counts_with_nonfinite_activations_and_gradients():
+    # NaN and inf in the activation (the probe sees the input) and in the
+    # gradient (sqrt(|x|) has an infinite slope at 0): the counting
+    # statistics follow NumPy's `!= 0` and `isfinite`, NaN being nonzero.
+    inputs = keras.Input((4,))
+    h = keras_actgrad.GradientProbe(name="p")(inputs)
+    outputs = keras.layers.Lambda(lambda t: keras.ops.sqrt(keras.ops.abs(t)))(h)
+    model = keras.Model(inputs, outputs)
+    x = np.array(
+        [[np.nan, 0.0, 4.0, 0.0], [0.0, 0.0, -np.inf, 0.0], [1.0, 0.0, 0.0, 0.0]],
+        "float32",
+    )
+    reduced = reduce(model, x, None, loss="sum", bins=0)
+    result = keras_actgrad.activation_gradients(model, x, None, loss="sum")["p"]
+    assert not np.isfinite(result.gradient).all()  # the case under test
+    expected = reference_statistics(result.activation, result.gradient)
+    for name in (
+        "grad_zero_fraction",
+        "nonfinite",
+        "act_zero_fraction",
+        "dead_unit_fraction",
+    ):
+        assert reduced.statistics["p"][name] == pytest.approx(expected[name]), name
+    # Column 1 and column 3 are zero in every example; column 0 holds a NaN.
+    assert reduced.statistics["p"]["dead_unit_fraction"] == pytest.approx(2 / 4)
+    for name in ("grad_norm", "act_mean", "act_std"):
+        assert not np.isfinite(reduced.statistics["p"][name]), name
+
+
 def test_probe_without_gradient_gives_nan():
     inputs = keras.Input((4,), dtype="int32")
     ids = keras_actgrad.GradientProbe(name="ids")(inputs)
