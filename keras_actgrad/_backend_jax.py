@@ -33,6 +33,7 @@ from keras_actgrad._engine import (
     LossFn,
     PassConfig,
     Tapped,
+    TapRecorder,
     forward,
     loss_scale,
 )
@@ -152,31 +153,26 @@ class JaxAdapter:
             record: list[tuple[str, Any, bool]],
         ) -> tuple[Any, dict[str, Any]]:
             """The loss of the probe pass; fills `record` with what it tapped."""
-            calls: dict[str, int] = {}
-            activations: dict[str, Any] = {}
             remaining = iter(perturbations or [])
 
-            def tap(probe: Any, tensor: Any) -> Any:
-                count = calls.get(probe.name, 0)
-                calls[probe.name] = count + 1
-                name = probe.name if count == 0 else f"{probe.name}@{count}"
-                differentiable = _is_float(tensor)
-                spec = jax.ShapeDtypeStruct(tensor.shape, tensor.dtype)  # type: ignore[no-untyped-call]
-                record.append((name, spec, differentiable))
-                if differentiable and perturbations is not None:
-                    tensor = tensor + next(remaining)
-                activations[name] = tensor
-                return tensor
+            def perturbed(tensor: Any) -> Any:
+                if perturbations is None:
+                    return tensor
+                return tensor + next(remaining)
 
+            recorder = TapRecorder(_is_float, perturbed)
             mapping = list(
                 zip(model.trainable_variables, trainable, strict=True)
             ) + list(zip(model.non_trainable_variables, non_trainable, strict=True))
             with keras.StatelessScope(state_mapping=mapping, collect_losses=True):
-                y_pred = forward(model, x, config.training, tap)
+                y_pred = forward(model, x, config.training, recorder.tap)
                 loss = jnp.asarray(
                     loss_fn(x, y, y_pred, sample_weight), dtype=jnp.float32
                 )
-            return loss, activations
+            for t in recorder.tapped:
+                spec = jax.ShapeDtypeStruct(t.activation.shape, t.activation.dtype)  # type: ignore[no-untyped-call]
+                record.append((t.name, spec, t.differentiable))
+            return loss, {t.name: t.activation for t in recorder.tapped}
 
         def step(
             trainable: list[Any],

@@ -38,6 +38,7 @@ from keras_actgrad._engine import (
     LossFn,
     PassConfig,
     Tapped,
+    TapRecorder,
     forward,
     loss_scale,
     probe_scope,
@@ -190,26 +191,18 @@ class TensorFlowAdapter:
         on_trace: Callable[[list[Tapped]], None],
     ) -> Callable[[Any, Any, Any], Any]:
         def step(x: Any, y: Any, sample_weight: Any, scale: Any) -> Any:
-            tapped: list[Tapped] = []
-            calls: dict[str, int] = {}
-
-            def tap(probe: Any, tensor: Any) -> Any:
-                count = calls.get(probe.name, 0)
-                calls[probe.name] = count + 1
-                name = probe.name if count == 0 else f"{probe.name}@{count}"
-                if not _is_float(tensor):
-                    tapped.append(Tapped(name, tensor, False))
-                    return tensor
+            def watched(tensor: Any) -> Any:
                 output = tf.identity(tensor)
                 tape.watch(output)
-                tapped.append(Tapped(name, output, True, output))
                 return output
 
+            recorder = TapRecorder(_is_float, watched)
+            tapped = recorder.tapped
             with tf.GradientTape(
                 watch_accessed_variables=config.weight_gradients, persistent=True
             ) as tape:
                 with probe_scope(model):
-                    y_pred = forward(model, x, config.training, tap)
+                    y_pred = forward(model, x, config.training, recorder.tap)
                     loss = tf.cast(loss_fn(x, y, y_pred, sample_weight), tf.float32)
             on_trace(tapped)
             handles = [t.handle for t in tapped if t.differentiable]

@@ -35,6 +35,7 @@ from keras_actgrad._engine import (
     LossFn,
     PassConfig,
     Tapped,
+    TapRecorder,
     forward,
     loss_scale,
     probe_scope,
@@ -211,28 +212,18 @@ class TorchAdapter:
         last_probes: list[tuple[str, bool]] = []
 
         def step(x: Any, y: Any, sample_weight: Any) -> Any:
-            tapped: list[Tapped] = []
-            calls: dict[str, int] = {}
-
-            def tap(probe: Any, tensor: Any) -> Any:
-                count = calls.get(probe.name, 0)
-                calls[probe.name] = count + 1
-                name = probe.name if count == 0 else f"{probe.name}@{count}"
-                if not _is_float(tensor):
-                    tapped.append(Tapped(name, tensor, False))
-                    return tensor
+            def node(tensor: Any) -> Any:
                 if tensor.requires_grad:
-                    output = tensor.view_as(tensor)
-                else:
-                    output = tensor.detach().requires_grad_()
-                tapped.append(Tapped(name, output, True, output))
-                return output
+                    return tensor.view_as(tensor)
+                return tensor.detach().requires_grad_()
 
+            recorder = TapRecorder(_is_float, node)
+            tapped = recorder.tapped
             # An unseeded Dropout draws from torch's global generator: fork it,
             # so the probe pass leaves the training's random stream untouched.
             with torch.random.fork_rng(devices=_cuda_devices()), torch.enable_grad():
                 with probe_scope(model):
-                    y_pred = forward(model, x, config.training, tap)
+                    y_pred = forward(model, x, config.training, recorder.tap)
                     loss = loss_fn(x, y, y_pred, sample_weight)
                     loss = keras.ops.cast(loss, "float32")
                 handles = [t.handle for t in tapped if t.differentiable]

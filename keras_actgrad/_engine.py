@@ -63,6 +63,44 @@ class Tapped:
     handle: Tensor = None  # what the adapter differentiates with respect to
 
 
+class TapRecorder:
+    """Names the probe visits of one pass and records what each one tapped.
+
+    A probe reached twice in one pass is named `name`, then `name@1`, ... A
+    tensor that is not floating point is recorded as not differentiable and
+    passed through unchanged; a floating point one is replaced by
+    `make_handle(tensor)`, the backend's differentiable stand-in for it,
+    which is recorded as both activation and handle.
+
+    Args:
+        is_float: callable, whether a tensor is floating point.
+        make_handle: callable, the tensor the backend differentiates with
+            respect to and passes on downstream of the probe.
+    """
+
+    def __init__(
+        self,
+        is_float: Callable[[Tensor], bool],
+        make_handle: Callable[[Tensor], Tensor],
+    ) -> None:
+        self.tapped: list[Tapped] = []
+        self._is_float = is_float
+        self._make_handle = make_handle
+        self._calls: dict[str, int] = {}
+
+    def tap(self, probe: Any, tensor: Tensor) -> Tensor:
+        """The tap installed by `forward`: records `tensor`, returns its stand-in."""
+        count = self._calls.get(probe.name, 0)
+        self._calls[probe.name] = count + 1
+        name = probe.name if count == 0 else f"{probe.name}@{count}"
+        if not self._is_float(tensor):
+            self.tapped.append(Tapped(name, tensor, False))
+            return tensor
+        handle = self._make_handle(tensor)
+        self.tapped.append(Tapped(name, handle, True, handle))
+        return handle
+
+
 class Reducer(Protocol):
     """Turns the pass's tensors into what leaves the device.
 
