@@ -421,12 +421,9 @@ def test_failed_profile_image_warns_and_keeps_scalars(tmp_path, monkeypatch):
     assert report.epochs == [0, 1]
 
 
-def test_tensorboard_server_shows_the_profile_image(tmp_path):
+def test_tensorboard_server_shows_the_profile_image(tmp_path, tensorboard_server):
     import io
-    import socket
-    import time
     import urllib.parse
-    import urllib.request
 
     from matplotlib import image as image_module
 
@@ -435,60 +432,16 @@ def test_tensorboard_server_shows_the_profile_image(tmp_path):
         (x, y), log_dir=str(tmp_path), histograms=False, profile_images=True
     )
     model.fit(x, y, epochs=2, batch_size=8, callbacks=[callback], verbose=0)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tensorboard.main",
-            "--logdir",
-            str(tmp_path),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--load_fast",
-            "false",
-            "--reload_interval",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}/data/plugin/images"
+    server = tensorboard_server(tmp_path)
+    base = "/data/plugin/images"
     query = urllib.parse.urlencode(
         {"run": "actgrad", "tag": "actgrad/grad_norm_profile"}
     )
-
-    def get(url):
-        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310
-            return json.loads(response.read())
-
-    try:
-        deadline = time.monotonic() + 90
-        images = []
-        while time.monotonic() < deadline and len(images) < 2:
-            try:
-                images = get(f"{base}/images?{query}")
-            except OSError:
-                images = []
-            if process.poll() is not None:
-                pytest.fail(f"tensorboard exited with code {process.returncode}")
-            time.sleep(0.5)
-        assert [image["step"] for image in images] == [0, 1]
-        # The image itself, as the Images tab fetches it: a PNG bar chart.
-        with urllib.request.urlopen(  # noqa: S310
-            f"{base}/individualImage?{images[-1]['query']}", timeout=5
-        ) as response:
-            png = response.read()
-        height, width = image_module.imread(io.BytesIO(png)).shape[:2]
-        assert width > 300 and height > 200
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+    images = server.wait_for_json(
+        f"{base}/images?{query}", lambda images: len(images) >= 2, default=[]
+    )
+    assert [image["step"] for image in images] == [0, 1]
+    # The image itself, as the Images tab fetches it: a PNG bar chart.
+    png = server.get(f"{base}/individualImage?{images[-1]['query']}")
+    height, width = image_module.imread(io.BytesIO(png)).shape[:2]
+    assert width > 300 and height > 200

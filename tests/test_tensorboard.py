@@ -10,11 +10,6 @@ import contextlib  # noqa: E402
 import errno  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import urllib.request  # noqa: E402
 import warnings  # noqa: E402
 
 import keras  # noqa: E402
@@ -219,60 +214,18 @@ def test_full_disk_warns_once_and_training_continues(tmp_path):
     assert steps == [0]
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_tensorboard_server_lists_our_tags(tmp_path):
+def test_tensorboard_server_lists_our_tags(tmp_path, tensorboard_server):
     model, x, y = model_and_data()
     callback = ActivationGradientCallback((x, y), log_dir=str(tmp_path))
     model.fit(x, y, epochs=1, verbose=0, callbacks=[callback])
-    port = _free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tensorboard.main",
-            "--logdir",
-            str(tmp_path),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--load_fast",
-            "false",
-            "--reload_interval",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    server = tensorboard_server(tmp_path)
+    tags = server.wait_for_json(
+        "/data/plugin/scalars/tags",
+        lambda tags: "actgrad/p1/grad_norm" in tags.get("actgrad", {}),
+        default={},
     )
-    try:
-        deadline = time.monotonic() + 90
-        tags = {}
-        while time.monotonic() < deadline:
-            try:
-                url = f"http://127.0.0.1:{port}/data/plugin/scalars/tags"
-                with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310
-                    tags = json.loads(response.read())
-            except OSError:
-                tags = {}
-            if "actgrad/p1/grad_norm" in tags.get("actgrad", {}):
-                break
-            if process.poll() is not None:
-                pytest.fail(f"tensorboard exited with code {process.returncode}")
-            time.sleep(0.5)
-        assert "actgrad/p0/grad_norm" in tags["actgrad"]
-        assert "actgrad/p1/grad_norm" in tags["actgrad"]
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+    assert "actgrad/p0/grad_norm" in tags["actgrad"]
+    assert "actgrad/p1/grad_norm" in tags["actgrad"]
 
 
 def test_pure_python_records_without_tensorflow(tmp_path, monkeypatch):
