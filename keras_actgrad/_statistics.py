@@ -4,10 +4,13 @@ The names here are the public vocabulary of the logs: every log key is built
 by `log_key`, nowhere else.
 
 `StatisticsReducer` runs inside the engine's compiled probe function, so the
-reductions are fused with the forward and backward pass and only a single
-float32 vector leaves the device: the statistics of every probe, optional
-histogram counts, optional weight-gradient norms. It uses `keras.ops` only,
-so every backend adapter can call it.
+reductions run with the forward and backward pass and only a single float32
+vector leaves the device: the moments of every probe (sums, maxima, counts:
+the passes over the tensors), optional histogram counts, optional
+weight-gradient norms. `unpack` turns the moments into the statistics on the
+host. The moments are written with `keras.ops`, so every backend can run
+them; an adapter may register native ones (`register_moments`) where they
+are faster.
 """
 
 from __future__ import annotations
