@@ -34,8 +34,9 @@ def _parser() -> argparse.ArgumentParser:
         "Alerts: no gradient (the probe does not reach the loss); "
         f"non-finite (NaN/Inf gradient entries); vanishing / exploding "
         f"(grad_norm below / above the given ratio to the last probe's, the one "
-        f"nearest the loss; defaults {VANISHING_RATIO:g} / {EXPLODING_RATIO:g}, "
-        f"the callback's defaults); dead units (dead_unit_fraction >= "
+        f"nearest the loss; by default the thresholds the callback was given, "
+        f"stored in the logs, else {VANISHING_RATIO:g} / {EXPLODING_RATIO:g}); "
+        f"dead units (dead_unit_fraction >= "
         f"{DEAD_UNIT_FRACTION:g}).",
     )
     report.add_argument(
@@ -56,14 +57,16 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--vanishing",
         type=float,
-        default=VANISHING_RATIO,
-        help="vanishing ratio threshold (default: %(default)g)",
+        default=None,
+        help="vanishing ratio threshold (default: the callback's "
+        f"vanishing_threshold, stored in the logs, else {VANISHING_RATIO:g})",
     )
     report.add_argument(
         "--exploding",
         type=float,
-        default=EXPLODING_RATIO,
-        help="exploding ratio threshold (default: %(default)g)",
+        default=None,
+        help="exploding ratio threshold (default: the callback's "
+        f"exploding_threshold, stored in the logs, else {EXPLODING_RATIO:g})",
     )
     report.add_argument(
         "--dead-units",

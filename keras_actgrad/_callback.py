@@ -290,7 +290,14 @@ class ActivationGradientCallback(keras.callbacks.Callback):
             from keras_actgrad._tensorboard import EventWriter
 
             try:
-                self._writer = EventWriter(self.log_dir, self.profile_images)
+                self._writer = EventWriter(
+                    self.log_dir,
+                    self.profile_images,
+                    thresholds={
+                        "vanishing": self.vanishing_threshold,
+                        "exploding": self.exploding_threshold,
+                    },
+                )
             except OSError as error:
                 raise ValueError(
                     "ActivationGradientCallback cannot write TensorBoard summaries "

@@ -20,6 +20,7 @@ import numpy as np
 
 EVENTS_SUBDIR = "actgrad"
 PROBE_ORDER_TAG = "actgrad/probe_order"
+THRESHOLDS_TAG = "actgrad/alert_thresholds"
 
 # Alert thresholds, shared with the callback's alert defaults. A probe's
 # `grad_norm` is compared with the `grad_norm` of the last probe in forward
@@ -45,6 +46,10 @@ class Report:
         values: `values[statistic][probe][epoch]`, the logged value.
         start: `start[statistic][probe]`, the `probe_at_start` values (empty
             when the callback did not probe before training).
+        thresholds: The callback's alert thresholds, `{"vanishing": ...,
+            "exploding": ...}`, as stored in the events (empty for logs
+            written before they were stored). `alerts` and `table` use them
+            unless given others.
     """
 
     log_dir: str
@@ -52,6 +57,14 @@ class Report:
     epochs: list[int]
     values: dict[str, dict[str, dict[int, float]]]
     start: dict[str, dict[str, float]]
+    thresholds: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def threshold(self, kind: str, given: float | None = None) -> float:
+        """`given`, else the run's stored `kind` threshold, else the default."""
+        if given is not None:
+            return float(given)
+        default = {"vanishing": VANISHING_RATIO, "exploding": EXPLODING_RATIO}[kind]
+        return float(self.thresholds.get(kind, default))
 
     @property
     def statistics(self) -> list[str]:
@@ -69,8 +82,8 @@ class Report:
 
     def alerts(
         self,
-        vanishing: float = VANISHING_RATIO,
-        exploding: float = EXPLODING_RATIO,
+        vanishing: float | None = None,
+        exploding: float | None = None,
         dead_units: float = DEAD_UNIT_FRACTION,
     ) -> dict[str, list[str]]:
         """Alerts per probe (in forward order), each a short phrase.
@@ -85,8 +98,12 @@ class Report:
         - `exploding`: `grad_norm` above `exploding` times the last probe's.
         - `dead units`: `dead_unit_fraction >= dead_units`.
 
+        `vanishing` and `exploding` default to the thresholds the callback
+        stored in the events (see `thresholds`), else to 1e-4 and 1e4.
         Each alert names the first epoch where it holds.
         """
+        vanishing = self.threshold("vanishing", vanishing)
+        exploding = self.threshold("exploding", exploding)
         norms = self.values.get("grad_norm", {})
         counts = self.values.get("nonfinite", {})
         dead = self.values.get("dead_unit_fraction", {})
@@ -128,8 +145,8 @@ class Report:
     def table(
         self,
         statistic: str = "grad_norm",
-        vanishing: float = VANISHING_RATIO,
-        exploding: float = EXPLODING_RATIO,
+        vanishing: float | None = None,
+        exploding: float | None = None,
         dead_units: float = DEAD_UNIT_FRACTION,
     ) -> str:
         """The report as a text table: one row per probe, in forward order.
@@ -231,8 +248,10 @@ def _event_files(path: str) -> list[str]:
     )
 
 
-def _read_event_file(path: str) -> tuple[dict[str, dict[int, float]], list[str]]:
-    """`({scalar tag: {step: value}}, probe order)` of one event file."""
+def _read_event_file(
+    path: str,
+) -> tuple[dict[str, dict[int, float]], list[str], dict[str, float]]:
+    """`({scalar tag: {step: value}}, probe order, thresholds)` of one file."""
     from tensorboard.backend.event_processing import event_accumulator
     from tensorboard.util import tensor_util
 
@@ -253,17 +272,22 @@ def _read_event_file(path: str) -> tuple[dict[str, dict[int, float]], list[str]]
     for tag in tags.get("scalars", []):  # TF1-style summaries
         scalars[tag] = {e.step: float(e.value) for e in accumulator.Scalars(tag)}
     order: list[str] = []
+    thresholds: dict[str, float] = {}
     for tag in tags.get("tensors", []):
         plugin = accumulator.SummaryMetadata(tag).plugin_data.plugin_name
         events = accumulator.Tensors(tag)
-        if tag == PROBE_ORDER_TAG and events:
+        if tag in (PROBE_ORDER_TAG, THRESHOLDS_TAG) and events:
             raw = tensor_util.make_ndarray(events[-1].tensor_proto).item()
-            order = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+            text = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+            if tag == PROBE_ORDER_TAG:
+                order = text
+            else:
+                thresholds = {str(k): float(v) for k, v in text.items()}
         elif plugin == "scalars":
             scalars[tag] = {
                 e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in events
             }
-    return scalars, order
+    return scalars, order, thresholds
 
 
 def load_report(log_dir: str) -> Report:
@@ -309,8 +333,9 @@ def load_report(log_dir: str) -> Report:
     # `initial_epoch` adds its epochs.
     scalars: dict[str, dict[int, float]] = {}
     order: list[str] = []
+    thresholds: dict[str, float] = {}
     for file in _event_files(path):
-        file_scalars, file_order = _read_event_file(file)
+        file_scalars, file_order, file_thresholds = _read_event_file(file)
         steps = [
             step
             for tag, series in file_scalars.items()
@@ -328,6 +353,7 @@ def load_report(log_dir: str) -> Report:
             else:
                 scalars.setdefault(tag, {}).update(series)
         order = file_order or order
+        thresholds = file_thresholds or thresholds
     if not any(tag.startswith(_PREFIXES) for tag in scalars):
         raise ValueError(
             f"No keras-actgrad events in '{log_dir}': the event files in '{path}' "
@@ -359,7 +385,7 @@ def load_report(log_dir: str) -> Report:
     epochs = sorted(
         {e for per_probe in values.values() for s in per_probe.values() for e in s}
     )
-    return Report(log_dir, probes, epochs, values, start)
+    return Report(log_dir, probes, epochs, values, start, thresholds)
 
 
 def plot_heatmap(report: Report, path: str, statistic: str = "grad_norm") -> None:
@@ -450,14 +476,18 @@ def _logged(report: Report, statistic: str, i: int, j: int) -> bool:
 
 
 def profile_png(
-    probes: Sequence[str], grad_norms: Sequence[float], title: str
+    probes: Sequence[str],
+    grad_norms: Sequence[float],
+    title: str,
+    vanishing: float | None = None,
 ) -> tuple[bytes, int, int]:
     """A bar chart of `grad_norms` per probe (log scale), PNG-encoded.
 
     Probes in forward order, left to right; zero or non-finite values are
     drawn as short red bars labelled with their value. When a probe falls
-    within 10x of the vanishing threshold (`VANISHING_RATIO` times the last
-    probe's `grad_norm`), the threshold is drawn as a dashed line. Used for
+    within 10x of the vanishing threshold (`vanishing`, by default
+    `VANISHING_RATIO`, times the last probe's `grad_norm`), the threshold is
+    drawn as a dashed line. Used for
     TensorBoard's Images tab (`profile_images=True` in the callback).
 
     Returns:
@@ -468,6 +498,7 @@ def profile_png(
     from matplotlib import figure
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
+    ratio = VANISHING_RATIO if vanishing is None else vanishing
     values = np.asarray(grad_norms, dtype=float)
     # Fixed margins (a constrained layout costs several times the drawing):
     # room below the axes for the 45-degree probe names.
@@ -501,14 +532,14 @@ def profile_png(
     finite = values[np.isfinite(values)]
     reference = float(finite[-1]) if finite.size else math.nan  # the last probe's
     if reference > 0:
-        threshold = VANISHING_RATIO * reference
+        threshold = ratio * reference
         if good.any() and values[good].min() < 10 * threshold:
             ax.axhline(
                 threshold,
                 color="#c0392b",
                 linestyle="--",
                 linewidth=1,
-                label=f"vanishing: {VANISHING_RATIO:g} x last probe",
+                label=f"vanishing: {ratio:g} x last probe",
             )
             ax.legend(loc="upper left", fontsize=8, frameon=False)
     ax.set_yscale("log")

@@ -54,6 +54,8 @@ WEIGHT_PREFIXES = {
     "batch": "actgrad_weights_batch",
 }
 PROBE_ORDER_TAG = "actgrad/probe_order"
+# The callback's alert thresholds (JSON), so that the report uses them.
+THRESHOLDS_TAG = "actgrad/alert_thresholds"
 PROFILE_IMAGE_TAG = "actgrad/grad_norm_profile"
 SUBDIRECTORY = "actgrad"
 
@@ -126,7 +128,12 @@ class EventWriter:
     disk full) warns once and turns the writer off; training is unaffected.
     """
 
-    def __init__(self, log_dir: str, profile_images: bool = False) -> None:
+    def __init__(
+        self,
+        log_dir: str,
+        profile_images: bool = False,
+        thresholds: dict[str, float] | None = None,
+    ) -> None:
         global _file_counter
         try:
             from tensorboard.compat.proto import event_pb2
@@ -153,6 +160,7 @@ class EventWriter:
         self.active = True
         self._metadata: dict[str, Any] = {}
         self.profile_images = profile_images
+        self.thresholds = dict(thresholds or {})
         self._write_record(
             event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")
         )
@@ -296,6 +304,12 @@ class EventWriter:
                 metadata=self._plugin_metadata("text"),
                 tensor=_string(json.dumps(list(probe_order))),
             )
+            if self.thresholds:
+                summary.value.add(
+                    tag=THRESHOLDS_TAG,
+                    metadata=self._plugin_metadata("text"),
+                    tensor=_string(json.dumps(self.thresholds, sort_keys=True)),
+                )
             image = self._profile_image(step, reduced, probe_order)
             if image is not None:
                 summary.value.add(
@@ -326,7 +340,10 @@ class EventWriter:
                 for probe in probe_order
             ]
             png, width, height = profile_png(
-                probe_order, norms, f"grad_norm by probe, epoch {step}"
+                probe_order,
+                norms,
+                f"grad_norm by probe, epoch {step}",
+                self.thresholds.get("vanishing"),
             )
         except Exception as error:  # noqa: BLE001 - the scalars still go out
             self.profile_images = False

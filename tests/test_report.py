@@ -326,6 +326,35 @@ def test_report_of_a_real_callback_run(tmp_path, capsys):
     assert table["head_probe"].split()[2] == want
 
 
+def test_report_uses_the_callbacks_thresholds(tmp_path, capsys):
+    model, x, y = small_probed_model()
+    # Any ratio to the last probe is below 10: every epoch is "vanishing".
+    callback = keras_actgrad.ActivationGradientCallback(
+        (x, y),
+        log_dir=str(tmp_path),
+        histograms=False,
+        vanishing_threshold=10.0,
+        exploding_threshold=1e6,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, epochs=2, batch_size=8, callbacks=[callback], verbose=0)
+    assert any("vanishing" in str(w.message) for w in caught)
+    report = keras_actgrad.load_report(str(tmp_path))
+    assert report.thresholds == {"vanishing": 10.0, "exploding": 1e6}
+    assert report.alerts()["first_probe"] == ["vanishing (epoch 0)"]
+    assert main(["report", str(tmp_path)]) == 0
+    _, table = rows(capsys.readouterr().out)
+    assert "vanishing (epoch 0)" in table["first_probe"]
+    # An explicit option still wins over the stored threshold.
+    assert main(["report", str(tmp_path), "--vanishing", "1e-4"]) == 0
+    _, table = rows(capsys.readouterr().out)
+    assert "vanishing" not in table["first_probe"]
+    # Logs without stored thresholds use the callback's defaults.
+    contract = write_contract_events(tmp_path / "old")
+    assert keras_actgrad.load_report(contract).thresholds == {}
+
+
 def small_probed_model():
     import keras
 
