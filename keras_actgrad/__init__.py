@@ -2,7 +2,13 @@
 
 from keras_actgrad._callback import ActivationGradientCallback
 from keras_actgrad._engine import ActivationGradient, activation_gradients
-from keras_actgrad._probe import GradientProbe, find_probes, insert_probes, strip_probes
+from keras_actgrad._probe import (
+    GradientProbe,
+    ProbedModel,
+    find_probes,
+    insert_probes,
+    strip_probes,
+)
 from keras_actgrad._report import Report, load_report
 
 __version__ = "0.1.0"
@@ -11,6 +17,7 @@ __all__ = [
     "ActivationGradientCallback",
     "ActivationGradient",
     "GradientProbe",
+    "ProbedModel",
     "Report",
     "activation_gradients",
     "find_probes",

@@ -160,8 +160,12 @@ class TorchMoments(_Probe):
         return float(self.a.numel())
 
     def a_std(self) -> Any:
+        # The corrected two-pass algorithm, as `_Probe.a_std`.
         centred = self.a - self.a_mean()
-        return torch.linalg.vector_norm(centred) / self.a.numel() ** 0.5
+        size = self.a.numel()
+        variance = torch.linalg.vector_norm(centred).square() / size
+        variance = variance - (centred.sum() / size).square()
+        return variance.clamp(min=0.0).sqrt()
 
     def _unit_counts(self) -> Any:
         def compute() -> Any:

@@ -289,6 +289,7 @@ def _rebuild(
     replace: Callable[[keras.layers.Layer], keras.layers.Layer],
     skip: Callable[[keras.layers.Layer], bool],
     after: Callable[[keras.layers.Layer, int | None], GradientProbe | None],
+    keep_names: bool = False,
 ) -> keras.Model:
     """Rebuilds a Sequential or Functional model with the same layer objects.
 
@@ -296,6 +297,9 @@ def _rebuild(
     a rebuilt nested model); `skip(layer)` drops the layer (its input passes
     through); `after(layer, index)` returns a probe to call right after
     `layer` (on its output `index` if it has several outputs, else None).
+    With `keep_names`, a rebuilt Functional model whose outputs Keras would
+    name after probes is a `ProbedModel`, which keeps the original names
+    through `save` and `load`.
     """
     cache: dict[int, keras.layers.Layer] = {}
 
@@ -338,8 +342,40 @@ def _rebuild(
     )
     # Keras names outputs after their layers; keep the original names so
     # dict-keyed losses, metrics and `y` keep working.
-    new.output_names = list(model.output_names)
+    derived = list(new.output_names)
+    names = list(model.output_names)
+    if keep_names and derived != names:
+        # A probe follows an output layer: a reload would name the output
+        # after the probe. `ProbedModel` stores the names.
+        new = ProbedModel(new.input, new.output, name=new.name, output_names=names)
+    new.output_names = names
     return new
+
+
+@keras.saving.register_keras_serializable(package="keras_actgrad")
+class ProbedModel(keras.Model):
+    """A Functional model that keeps its output names through `save`/`load`.
+
+    Keras names a Functional model's outputs after the layers that produce
+    them, also when it rebuilds a saved model. When `insert_probes` puts a
+    probe after an output layer, the output would be renamed after the
+    probe (`"logits_probe"`) on reload, and losses keyed by the original
+    output name would no longer match. This subclass stores the names in
+    its config. It behaves as the Functional model it wraps in every other
+    way (same layers, same weights, same calls).
+    """
+
+    def __init__(
+        self, *args: Any, output_names: Sequence[str] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if output_names is not None:
+            self.output_names = list(output_names)
+
+    def get_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = super().get_config()
+        config["output_names"] = list(self.output_names)
+        return config
 
 
 def insert_probes(model: keras.Model, layers: LayerSelector = None) -> keras.Model:
@@ -407,6 +443,7 @@ def insert_probes(model: keras.Model, layers: LayerSelector = None) -> keras.Mod
 
     def insert(current: keras.Model) -> keras.Model:
         probed = _probed_layer_names(current)
+        top = current is model
 
         def replace(layer: keras.layers.Layer) -> keras.layers.Layer:
             return insert(layer) if _is_graph_model(layer) else layer
@@ -422,7 +459,7 @@ def insert_probes(model: keras.Model, layers: LayerSelector = None) -> keras.Mod
             selected.append(layer.name)
             return GradientProbe(name=probe_name(layer, index))
 
-        return _rebuild(current, replace, lambda layer: False, after)
+        return _rebuild(current, replace, lambda layer: False, after, keep_names=top)
 
     selected: list[str] = []
     new = insert(model)

@@ -264,11 +264,17 @@ class _Probe:
         return _float32(keras.ops.size(self.a))
 
     def a_std(self) -> Tensor:
-        # Two passes (mean, then the centred norm): activations often have a
-        # mean far from 0 relative to their spread (e.g. sigmoid outputs).
+        # The corrected two-pass algorithm (mean, then the centred moments):
+        # activations often have a mean far from 0 relative to their spread
+        # (e.g. sigmoid outputs), where E[a^2] - E[a]^2 would cancel. The
+        # mean of the centred values removes the rounding error of the first
+        # mean (Chan, Golub & LeVeque, 1983).
         ops = keras.ops
         centred = ops.reshape(self.a - self.a_mean(), (-1,))
-        return ops.norm(centred) / ops.sqrt(self.a_size())
+        size = self.a_size()
+        variance = ops.square(ops.norm(centred)) / size
+        variance -= ops.square(ops.sum(centred) / size)
+        return ops.sqrt(ops.maximum(variance, 0.0))
 
     def _unit_counts(self) -> Tensor:
         """The number of nonzero entries of each unit (index of the last axis).

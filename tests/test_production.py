@@ -107,6 +107,48 @@ def test_keras_save_and_load_without_custom_objects(tmp_path):
     assert int(loaded.optimizer.iterations.numpy()) == 1
 
 
+def test_probed_multi_output_model_keeps_output_names_through_save(tmp_path):
+    # Probes after both output layers: Keras would name the reloaded outputs
+    # after the probes, and the dict-keyed losses would no longer match.
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(8, activation="relu", name="hidden")(inputs)
+    outputs = [
+        keras.layers.Dense(2, name="reg")(h),
+        keras.layers.Dense(3, activation="softmax", name="cls")(h),
+    ]
+    model = keras_actgrad.insert_probes(keras.Model(inputs, outputs))
+    assert [p.name for p in keras_actgrad.find_probes(model)] == [
+        "hidden_probe",
+        "reg_probe",
+        "cls_probe",
+    ]
+    model.compile("adam", loss={"reg": "mse", "cls": "sparse_categorical_crossentropy"})
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 4)).astype("float32")
+    y = {"reg": rng.normal(size=(16, 2)).astype("float32"), "cls": np.arange(16) % 3}
+    model.fit(x, y, epochs=1, verbose=0)
+    path = str(tmp_path / "multi.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.output_names == ["reg", "cls"]
+    for ours, theirs in zip(
+        model.predict(x, verbose=0), loaded.predict(x, verbose=0), strict=True
+    ):
+        np.testing.assert_array_equal(ours, theirs)
+    # The restored dict-keyed losses still match the outputs: training and
+    # probing the reloaded model work, and agree with the original.
+    want = activation_gradients(model, x, y)
+    got = activation_gradients(loaded, x, y)
+    for name in ("reg_probe", "cls_probe", "hidden_probe"):
+        np.testing.assert_array_equal(want[name].gradient, got[name].gradient)
+    loaded.fit(x, y, epochs=1, verbose=0)
+    # Stripping gives back the plain model, named as before.
+    stripped = keras_actgrad.strip_probes(loaded)
+    assert stripped.output_names == ["reg", "cls"]
+    assert keras_actgrad.find_probes(stripped) == []
+
+
 def test_strip_probes_on_a_loaded_model_gives_identical_predictions(tmp_path):
     model = mlp()
     path = str(tmp_path / "probed.keras")

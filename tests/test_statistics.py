@@ -178,6 +178,24 @@ def test_counts_with_nonfinite_activations_and_gradients():
         assert not np.isfinite(reduced.statistics["p"][name]), name
 
 
+@pytest.mark.parametrize("offset", [0.0, 0.9, 1e3])
+def test_act_std_is_accurate_far_from_zero_mean(offset):
+    # Entries bunched around `offset` (|mean| >> std for 0.9 and 1e3): a
+    # variance from raw moments, E[a^2] - E[a]^2, would lose most digits.
+    inputs = keras.Input((64,))
+    h = keras_actgrad.GradientProbe(name="p")(inputs)
+    outputs = keras.layers.Dense(1)(h)
+    model = keras.Model(inputs, outputs)
+    rng = np.random.default_rng(3)
+    x = (offset + 1e-2 * rng.normal(size=(32, 64))).astype("float32")
+    reduced = reduce(model, x, None, loss="sum", bins=0)
+    expected = reference_statistics(x, None)
+    for name in ("act_mean", "act_std"):
+        np.testing.assert_allclose(
+            reduced.statistics["p"][name], expected[name], rtol=2e-5, err_msg=name
+        )
+
+
 def test_probe_without_gradient_gives_nan():
     inputs = keras.Input((4,), dtype="int32")
     ids = keras_actgrad.GradientProbe(name="ids")(inputs)
