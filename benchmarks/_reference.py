@@ -39,12 +39,10 @@ def build_model(probes: int = DEPTH) -> Any:
     return model
 
 
-def median_times(
-    functions: dict[str, Callable[[], object]],
-    reps: int,
-    summary: Callable[[list[float]], float] = statistics.median,
-) -> dict[str, float]:
-    """Median (or `summary`) wall time of each function over `reps` rounds.
+def timings(
+    functions: dict[str, Callable[[], object]], reps: int
+) -> dict[str, list[float]]:
+    """Wall times of each function over `reps` rounds, in seconds.
 
     The functions run interleaved, one after the other in every round, so
     that a change in the machine's load affects all of them alike.
@@ -55,4 +53,22 @@ def median_times(
             start = time.perf_counter()
             function()
             times[name].append(time.perf_counter() - start)
-    return {name: summary(values) for name, values in times.items()}
+    return times
+
+
+def median_times(
+    functions: dict[str, Callable[[], object]],
+    reps: int,
+    summary: Callable[[list[float]], float] = statistics.median,
+) -> dict[str, float]:
+    """Median (or `summary`) wall time of each function over `reps` rounds."""
+    return {name: summary(values) for name, values in timings(functions, reps).items()}
+
+
+def paired_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
+    """The median over rounds of `a`'s time / `b`'s time in the same round.
+
+    Steadier than a ratio of medians on a shared machine: both runs of a
+    round see the same load.
+    """
+    return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))

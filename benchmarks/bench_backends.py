@@ -24,12 +24,21 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import statistics
 import subprocess
 import sys
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 BACKENDS = ("tensorflow", "jax", "torch")
-from _reference import BATCH, CLASSES, DEPTH, WIDTH, build_model, median_times  # noqa: E402
+from _reference import (  # noqa: E402
+    BATCH,
+    CLASSES,
+    DEPTH,
+    WIDTH,
+    build_model,
+    paired_ratio,
+    timings,
+)
 
 
 def run_backend(reps: int) -> int:
@@ -63,7 +72,8 @@ def run_backend(reps: int) -> int:
     for _ in range(2):  # trace and compile everything
         for function in functions.values():
             function()
-    timed = median_times(functions, reps)
+    times = timings(functions, reps)
+    timed = {name: statistics.median(values) for name, values in times.items()}
     backend = keras.backend.backend()
     print(
         f"backend {backend}: {DEPTH} x Dense({WIDTH}) ReLU, {DEPTH} probes, "
@@ -76,7 +86,8 @@ def run_backend(reps: int) -> int:
         ("probe event (statistics reducer)", "event", "target <= 1.00x: "),
     ]
     for label, key, note in rows:
-        ratio = timed[key] / timed["train"]
+        # The median of per-round ratios (both runs see the same load).
+        ratio = paired_ratio(times, key, "train")
         if note:
             note += "met" if ratio <= 1.0 else "MISSED"
         print(f"  {label:<34} {timed[key] * 1e3:>10.1f} {ratio:>8.2f}x  {note}")
