@@ -81,8 +81,8 @@ def check_statistics(names: Sequence[str] | None, argument: str) -> tuple[str, .
 # of its nonzero entries). Every statistic is a closed form of these scalars,
 # evaluated on the host in float64 by `_finish`. So the device does only the
 # passes over the tensors, each once, and no per-statistic scalar arithmetic
-# (which on PyTorch, where the pass runs eagerly, costs a Keras op dispatch
-# each).
+# (which on PyTorch, where the pass runs eagerly, would cost a Keras op
+# dispatch each).
 
 # The moments each statistic needs.
 _NEEDS: dict[str, tuple[str, ...]] = {
@@ -164,10 +164,11 @@ def _static(shape: Sequence[int | None]) -> bool:
 class _Probe:
     """Lazily computed moments of one probe (each reduction done once).
 
-    Written with `keras.ops`, for backends that compile the pass (TensorFlow,
-    JAX). A backend adapter that runs eagerly may register a subclass with
-    native ops (`register_moments`): the same moments, without a Keras op
-    dispatch for each.
+    Written with `keras.ops`, so every backend can run it (JAX does). A
+    backend adapter may register a subclass with native ops where they are
+    faster (`register_moments`): the same moments, in fewer passes over the
+    tensors (TensorFlow) or without a Keras op dispatch each, where the pass
+    runs eagerly (PyTorch).
     """
 
     def __init__(self, activation: Tensor, gradient: Tensor | None) -> None:
