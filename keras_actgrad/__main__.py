@@ -99,7 +99,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table)
     if args.png:
         try:
-            report.plot(args.png, args.statistic)
+            report.plot(
+                args.png,
+                args.statistic,
+                args.vanishing,
+                args.exploding,
+                args.dead_units,
+            )
         except ImportError:
             return _fail(
                 "`--png` needs matplotlib. Install it with "

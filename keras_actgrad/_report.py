@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 
 EVENTS_SUBDIR = "actgrad"
+# Text summaries the callback writes beside its scalars (JSON): the probes in
+# forward order, and its alert thresholds, so that the report uses them.
 PROBE_ORDER_TAG = "actgrad/probe_order"
 THRESHOLDS_TAG = "actgrad/alert_thresholds"
 
@@ -194,9 +196,19 @@ class Report:
         )
         return "\n".join([title, *lines])
 
-    def plot(self, path: str, statistic: str = "grad_norm") -> None:
-        """Saves a probes x epochs heatmap of `statistic` (log colour) as PNG."""
-        plot_heatmap(self, path, statistic)
+    def plot(
+        self,
+        path: str,
+        statistic: str = "grad_norm",
+        vanishing: float | None = None,
+        exploding: float | None = None,
+        dead_units: float = DEAD_UNIT_FRACTION,
+    ) -> None:
+        """Saves a probes x epochs heatmap of `statistic` (log colour) as PNG.
+
+        The alerts marked on it use the thresholds as `alerts` does.
+        """
+        plot_heatmap(self, path, statistic, vanishing, exploding, dead_units)
 
     def _statistic(self, statistic: str) -> dict[str, dict[int, float]]:
         if statistic not in self.values:
@@ -388,7 +400,14 @@ def load_report(log_dir: str) -> Report:
     return Report(log_dir, probes, epochs, values, start, thresholds)
 
 
-def plot_heatmap(report: Report, path: str, statistic: str = "grad_norm") -> None:
+def plot_heatmap(
+    report: Report,
+    path: str,
+    statistic: str = "grad_norm",
+    vanishing: float | None = None,
+    exploding: float | None = None,
+    dead_units: float = DEAD_UNIT_FRACTION,
+) -> None:
     """Saves `report`'s probes x epochs heatmap of `statistic` to `path` (PNG)."""
     import matplotlib
 
@@ -397,7 +416,7 @@ def plot_heatmap(report: Report, path: str, statistic: str = "grad_norm") -> Non
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     data = report.matrix(statistic)
-    alerts = report.alerts()
+    alerts = report.alerts(vanishing, exploding, dead_units)
     n_probes, n_epochs = data.shape
     positive = data[np.isfinite(data) & (data > 0)]
     labels_inches = 0.08 * max((len(p) + 14 for p in report.probes), default=10)

@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from keras_actgrad._report import PROBE_ORDER_TAG, THRESHOLDS_TAG
 from keras_actgrad._statistics import Reduced
 
 PREFIXES = {"epoch": "actgrad", "start": "actgrad_start", "batch": "actgrad_batch"}
@@ -53,9 +54,6 @@ WEIGHT_PREFIXES = {
     "start": "actgrad_weights_start",
     "batch": "actgrad_weights_batch",
 }
-PROBE_ORDER_TAG = "actgrad/probe_order"
-# The callback's alert thresholds (JSON), so that the report uses them.
-THRESHOLDS_TAG = "actgrad/alert_thresholds"
 PROFILE_IMAGE_TAG = "actgrad/grad_norm_profile"
 SUBDIRECTORY = "actgrad"
 

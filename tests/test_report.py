@@ -231,6 +231,23 @@ def test_png_heatmap_is_written_and_not_blank(tmp_path, capsys):
     assert len(colours) > 50  # a colour map, text and a colour bar, not a blank
 
 
+def test_heatmap_marks_alerts_with_the_options_thresholds(tmp_path, monkeypatch):
+    # The table and the heatmap judge alerts alike: the options reach both.
+    log_dir = write_contract_events(tmp_path)
+    seen = []
+    alerts = keras_actgrad.Report.alerts
+
+    def recording(self, *args):
+        seen.append(args)
+        return alerts(self, *args)
+
+    monkeypatch.setattr(keras_actgrad.Report, "alerts", recording)
+    png = str(tmp_path / "heat.png")
+    args = ["--vanishing", "1e-3", "--exploding", "50", "--dead-units", "0.9"]
+    assert main(["report", log_dir, "--png", png, *args]) == 0
+    assert seen == [(1e-3, 50.0, 0.9)] * 2  # the table, then the heatmap
+
+
 def test_unknown_statistic_exits_2(tmp_path, capsys):
     log_dir = write_contract_events(tmp_path)
     assert main(["report", log_dir, "--statistic", "grad_nrom"]) == 2
