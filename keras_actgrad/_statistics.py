@@ -235,7 +235,15 @@ class _Probe:
         return keras.ops.sum(self._abs_g())
 
     def g_abs_max(self) -> Tensor:
-        return keras.ops.max(self._abs_g())
+        # NaN if any entry is NaN, as NumPy's `max` (XLA's max may skip NaN).
+        ops = keras.ops
+        return ops.cond(
+            self.grad_finite(),
+            lambda: ops.max(self._abs_g()),
+            lambda: ops.where(
+                ops.any(ops.isnan(self.g)), _nan(), ops.max(self._abs_g())
+            ),
+        )
 
     def g_nonzero(self) -> Tensor:
         # NaN counts as nonzero, as `g != 0` says.

@@ -274,3 +274,89 @@ def test_histogram_edge_cases():
     assert counts.tolist() == [1, 1, 1, 1]  # np.histogram([0, 1, 2, 4], 4)
     low, high, counts = run_histogram(np.array([0.0, 0.5, 3.0, 4.0], "float32"), 4)
     assert counts.tolist() == [2, 0, 0, 2]
+
+
+def large_probe_model(nonlinearity):
+    """A probe on a [600, 256] input: the TensorFlow moments reduce it in
+    row blocks of 256, 256 and 88 rows (`row_blocks`)."""
+    inputs = keras.Input((256,))
+    h = keras_actgrad.GradientProbe(name="p")(inputs)
+    h = keras.layers.Lambda(nonlinearity)(h)
+    outputs = keras.layers.Dense(3, kernel_initializer="ones")(h)
+    return keras.Model(inputs, outputs)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_statistics_of_a_large_tensor_match_numpy(offset):
+    # Large enough to be reduced in blocks on TensorFlow: every statistic
+    # must still be the whole tensor's. Offset 1e3 with spread 1e-2 checks
+    # the blocks' variances combine without cancellation; offset 0 gives
+    # exact zeros in the gradient (ReLU) and a dead unit (column 7).
+    rng = np.random.default_rng(4)
+    x = (offset + (1e-2 if offset else 1.0) * rng.normal(size=(600, 256))).astype(
+        "float32"
+    )
+    x[:, 7] = 0.0
+    x[:300, 9] = 0.0  # zero in the first block only (and more): not dead
+    model = large_probe_model(keras.ops.relu)
+    reduced = reduce(model, x, None, loss="sum", bins=0)
+    result = keras_actgrad.activation_gradients(model, x, None, loss="sum")["p"]
+    expected = reference_statistics(result.activation, result.gradient)
+    if not offset:
+        assert 0.4 < expected["grad_zero_fraction"] < 0.6  # the case under test
+    assert expected["dead_unit_fraction"] == 1 / 256
+    for name in STATISTICS:
+        np.testing.assert_allclose(
+            reduced.statistics["p"][name],
+            expected[name],
+            rtol=2e-5,
+            atol=1e-7,
+            err_msg=name,
+        )
+
+
+def test_counts_of_a_large_tensor_with_nonfinite_values():
+    # NaN and inf in different blocks of the activation, infinite gradients
+    # (sqrt(|x|) at 0) in others: counts and maxima are the whole tensor's.
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(600, 256)).astype("float32")
+    x[:, 3] = 0.0
+    x[595, 5] = np.nan  # in the last block: a plain maximum can skip it
+    x[300, 6] = -np.inf
+    x[590, 8] = 0.0
+    model = large_probe_model(lambda t: keras.ops.sqrt(keras.ops.abs(t)))
+    reduced = reduce(model, x, None, loss="sum", bins=0)
+    result = keras_actgrad.activation_gradients(model, x, None, loss="sum")["p"]
+    assert not np.isfinite(result.gradient).all()  # the case under test
+    expected = reference_statistics(result.activation, result.gradient)
+    for name in (
+        "grad_zero_fraction",
+        "nonfinite",
+        "act_zero_fraction",
+        "dead_unit_fraction",
+    ):
+        assert reduced.statistics["p"][name] == pytest.approx(expected[name]), name
+    assert reduced.statistics["p"]["nonfinite"] == 600 + 2  # column 3, x[590, 8]
+    for name in ("grad_norm", "act_mean", "act_std"):
+        assert not np.isfinite(reduced.statistics["p"][name]), name
+    # NaN in one block, inf in the others: the maximum is NaN, as NumPy's.
+    assert np.isnan(expected["grad_max_abs"])
+    assert np.isnan(reduced.statistics["p"]["grad_max_abs"])
+
+
+@pytest.mark.requires_tensorflow(reason="row blocks are the TensorFlow moments'")
+def test_row_blocks():
+    import tensorflow as tf
+
+    from keras_actgrad._backend_tensorflow import row_blocks
+
+    assert row_blocks(tf.TensorShape([600, 256])) == [256, 256, 88]
+    assert row_blocks(tf.TensorShape([512, 512])) == [128] * 4
+    # At most 16 blocks: 4096 entries a row would give 32 blocks of 16 rows.
+    assert row_blocks(tf.TensorShape([512, 8, 8, 64])) == [32] * 16
+    # Every block but the last is a multiple of 16 rows (64-byte aligned).
+    sizes = row_blocks(tf.TensorShape([100000, 8]))
+    assert sum(sizes) == 100000 and len(sizes) <= 16
+    assert all(n % 16 == 0 for n in sizes[:-1])
+    for shape in ([64, 256], [16, 100000], [None, 512], [1 << 20]):
+        assert row_blocks(tf.TensorShape(shape)) is None, shape
