@@ -43,7 +43,7 @@ from keras_actgrad._engine import (
     loss_scale,
     probe_scope,
 )
-from keras_actgrad._statistics import _Probe, register_moments
+from keras_actgrad._statistics import _Probe, histogram, register_moments
 
 __all__ = ["DEFAULT_LOSS_SCALE", "TensorFlowAdapter", "loss_scale"]
 _SCALE_DIVISOR = SCALE_DIVISOR
@@ -166,6 +166,32 @@ def row_blocks(shape: tf.TensorShape) -> list[int] | None:
     return sizes
 
 
+def _blocks(tensor: Any) -> list[Any]:
+    sizes = row_blocks(tensor.shape)
+    return [tensor] if sizes is None else tf.split(tensor, sizes)
+
+
+def _finite_histogram(tensor: Any, bins: int) -> Any:
+    """`histogram` of a tensor whose entries are all finite, in row blocks.
+
+    `tf.histogram_fixed_width` bins each block in one op (the portable
+    version takes four); the blocks' counts are summed. Same layout and
+    semantics as `histogram`: the range is the tensor's, the maximum is in
+    the last bin, and when every entry is equal all are in the first bin.
+    """
+    blocks = _blocks(tensor)
+    low = tf.reduce_min(tf.stack([tf.reduce_min(b) for b in blocks]))
+    high = tf.reduce_max(tf.stack([tf.reduce_max(b) for b in blocks]))
+    # All entries equal: any wider range puts them in the first bin (one
+    # that stays wider than 0 in float32 when |low| is large).
+    top = tf.where(high > low, high, low + tf.maximum(tf.abs(low), 1.0))
+    value_range = tf.stack([low, top])
+    counts = tf.add_n(
+        [tf.histogram_fixed_width(b, value_range, nbins=bins) for b in blocks]
+    )
+    return tf.concat([tf.stack([low, high]), tf.cast(counts, tf.float32)], 0)
+
+
 class TensorFlowMoments(_Probe):
     """The statistics' moments with TensorFlow ops, for fewer passes.
 
@@ -239,6 +265,18 @@ class TensorFlowMoments(_Probe):
             )
 
         return self._get("_unit_counts", compute)
+
+    def histogram(self, which: str, bins: int) -> Any:
+        tensor, finite = (
+            (self.a, self.act_finite())
+            if which == "a"
+            else (self.g, self.grad_finite())
+        )
+        return tf.cond(
+            finite,
+            lambda: _finite_histogram(tensor, bins),
+            lambda: histogram(tensor, bins, finite),
+        )
 
     def row(self, moments: Any) -> Any:
         """The moments as one vector, reduced in row blocks when large.

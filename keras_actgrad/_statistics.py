@@ -310,6 +310,12 @@ class _Probe:
     def a_units(self) -> Tensor:
         return _float32(keras.ops.size(self._unit_counts()))
 
+    def histogram(self, which: str, bins: int) -> Tensor:
+        """The histogram (see `histogram`) of the activation (`"a"`) or gradient."""
+        if which == "a":
+            return histogram(self.a, bins, self.act_finite())
+        return histogram(self.g, bins, self.grad_finite())
+
     def row(self, moments: Sequence[str]) -> Tensor:
         """The given moments as one float32 vector."""
         return keras.ops.stack([_float32(self.moment(m)) for m in moments])
@@ -440,8 +446,8 @@ class StatisticsReducer:
                         )
                     parts.append(nan_row)
                 else:
-                    parts.append(histogram(probe.g, self.bins, probe.grad_finite()))
-                parts.append(histogram(probe.a, self.bins, probe.act_finite()))
+                    parts.append(probe.histogram("g", self.bins))
+                parts.append(probe.histogram("a", self.bins))
         norms = []
         for path in sorted(weight_gradients):
             gradient = weight_gradients[path]

@@ -299,9 +299,19 @@ def test_statistics_of_a_large_tensor_match_numpy(offset):
     x[:, 7] = 0.0
     x[:300, 9] = 0.0  # zero in the first block only (and more): not dead
     model = large_probe_model(keras.ops.relu)
-    reduced = reduce(model, x, None, loss="sum", bins=0)
+    reduced = reduce(model, x, None, loss="sum")
     result = keras_actgrad.activation_gradients(model, x, None, loss="sum")["p"]
     expected = reference_statistics(result.activation, result.gradient)
+    for kind, values in (("gradient", result.gradient), ("activation", x)):
+        low, high, counts = reduced.histograms["p"][kind]
+        assert (low, high) == pytest.approx((values.min(), values.max()), rel=1e-5)
+        if low == high:  # the gradient at offset 1e3: all ones
+            assert counts.tolist() == [values.size] + [0] * (BINS - 1)
+            continue
+        reference, _ = np.histogram(values, bins=BINS, range=(low, high))
+        assert counts.sum() == values.size
+        # Values within rounding of a bin edge may fall either side.
+        assert np.abs(counts - reference).sum() <= 4, kind
     if not offset:
         assert 0.4 < expected["grad_zero_fraction"] < 0.6  # the case under test
     assert expected["dead_unit_fraction"] == 1 / 256
@@ -325,7 +335,7 @@ def test_counts_of_a_large_tensor_with_nonfinite_values():
     x[300, 6] = -np.inf
     x[590, 8] = 0.0
     model = large_probe_model(lambda t: keras.ops.sqrt(keras.ops.abs(t)))
-    reduced = reduce(model, x, None, loss="sum", bins=0)
+    reduced = reduce(model, x, None, loss="sum")
     result = keras_actgrad.activation_gradients(model, x, None, loss="sum")["p"]
     assert not np.isfinite(result.gradient).all()  # the case under test
     expected = reference_statistics(result.activation, result.gradient)
@@ -339,9 +349,26 @@ def test_counts_of_a_large_tensor_with_nonfinite_values():
     assert reduced.statistics["p"]["nonfinite"] == 600 + 2  # column 3, x[590, 8]
     for name in ("grad_norm", "act_mean", "act_std"):
         assert not np.isfinite(reduced.statistics["p"][name]), name
+    # The histograms count the finite entries only.
+    for kind, values in (("gradient", result.gradient), ("activation", x)):
+        finite = values[np.isfinite(values)]
+        low, high, counts = reduced.histograms["p"][kind]
+        assert (low, high) == pytest.approx((finite.min(), finite.max()), rel=1e-5)
+        assert counts.sum() == finite.size, kind
     # NaN in one block, inf in the others: the maximum is NaN, as NumPy's.
     assert np.isnan(expected["grad_max_abs"])
     assert np.isnan(reduced.statistics["p"]["grad_max_abs"])
+
+
+@pytest.mark.parametrize("value", [2.5, -3e30])
+def test_histograms_of_a_large_constant_tensor(value):
+    # Every entry equal (the activation; the gradient is all 3): one bin.
+    x = np.full((600, 256), value, "float32")
+    reduced = reduce(large_probe_model(lambda t: t), x, None, loss="sum")
+    for kind, expected in (("activation", np.float32(value)), ("gradient", 3.0)):
+        low, high, counts = reduced.histograms["p"][kind]
+        assert low == high == expected, kind
+        assert counts.tolist() == [x.size] + [0] * (BINS - 1), kind
 
 
 @pytest.mark.requires_tensorflow(reason="row blocks are the TensorFlow moments'")
