@@ -237,12 +237,11 @@ class _Probe:
     def g_abs_max(self) -> Tensor:
         # NaN if any entry is NaN, as NumPy's `max` (XLA's max may skip NaN).
         ops = keras.ops
+        largest = ops.max(self._abs_g())
         return ops.cond(
             self.grad_finite(),
-            lambda: ops.max(self._abs_g()),
-            lambda: ops.where(
-                ops.any(ops.isnan(self.g)), _nan(), ops.max(self._abs_g())
-            ),
+            lambda: largest,
+            lambda: ops.where(ops.any(ops.isnan(self.g)), _nan(), largest),
         )
 
     def g_nonzero(self) -> Tensor:
