@@ -149,6 +149,28 @@ def test_nonfinite_closed_form():
     assert counts.sum() == finite.size  # non-finite entries are left out
 
 
+def check_nonfinite_counts(model, x, bins):
+    """The probe pass of `model` (one probe "p", loss "sum") on an `x` that
+    makes some gradient entries non-finite: the counting statistics follow
+    NumPy's `!= 0` and `isfinite` (NaN is nonzero), the sums are not finite.
+    Returns the reduced pass, the probe's `activation_gradients` result and
+    the NumPy statistics."""
+    reduced = reduce(model, x, None, loss="sum", bins=bins)
+    result = keras_actgrad.activation_gradients(model, x, None, loss="sum")["p"]
+    assert not np.isfinite(result.gradient).all()  # the case under test
+    expected = reference_statistics(result.activation, result.gradient)
+    for name in (
+        "grad_zero_fraction",
+        "nonfinite",
+        "act_zero_fraction",
+        "dead_unit_fraction",
+    ):
+        assert reduced.statistics["p"][name] == pytest.approx(expected[name]), name
+    for name in ("grad_norm", "act_mean", "act_std"):
+        assert not np.isfinite(reduced.statistics["p"][name]), name
+    return reduced, result, expected
+
+
 def test_counts_with_nonfinite_activations_and_gradients():
     # NaN and inf in the activation (the probe sees the input) and in the
     # gradient (sqrt(|x|) has an infinite slope at 0): the counting
@@ -161,21 +183,9 @@ def test_counts_with_nonfinite_activations_and_gradients():
         [[np.nan, 0.0, 4.0, 0.0], [0.0, 0.0, -np.inf, 0.0], [1.0, 0.0, 0.0, 0.0]],
         "float32",
     )
-    reduced = reduce(model, x, None, loss="sum", bins=0)
-    result = keras_actgrad.activation_gradients(model, x, None, loss="sum")["p"]
-    assert not np.isfinite(result.gradient).all()  # the case under test
-    expected = reference_statistics(result.activation, result.gradient)
-    for name in (
-        "grad_zero_fraction",
-        "nonfinite",
-        "act_zero_fraction",
-        "dead_unit_fraction",
-    ):
-        assert reduced.statistics["p"][name] == pytest.approx(expected[name]), name
+    reduced, _, _ = check_nonfinite_counts(model, x, bins=0)
     # Column 1 and column 3 are zero in every example; column 0 holds a NaN.
     assert reduced.statistics["p"]["dead_unit_fraction"] == pytest.approx(2 / 4)
-    for name in ("grad_norm", "act_mean", "act_std"):
-        assert not np.isfinite(reduced.statistics["p"][name]), name
 
 
 @pytest.mark.parametrize("offset", [0.0, 0.9, 1e3])
@@ -335,20 +345,8 @@ def test_counts_of_a_large_tensor_with_nonfinite_values():
     x[300, 6] = -np.inf
     x[590, 8] = 0.0
     model = large_probe_model(lambda t: keras.ops.sqrt(keras.ops.abs(t)))
-    reduced = reduce(model, x, None, loss="sum")
-    result = keras_actgrad.activation_gradients(model, x, None, loss="sum")["p"]
-    assert not np.isfinite(result.gradient).all()  # the case under test
-    expected = reference_statistics(result.activation, result.gradient)
-    for name in (
-        "grad_zero_fraction",
-        "nonfinite",
-        "act_zero_fraction",
-        "dead_unit_fraction",
-    ):
-        assert reduced.statistics["p"][name] == pytest.approx(expected[name]), name
+    reduced, result, expected = check_nonfinite_counts(model, x, bins=BINS)
     assert reduced.statistics["p"]["nonfinite"] == 600 + 2  # column 3, x[590, 8]
-    for name in ("grad_norm", "act_mean", "act_std"):
-        assert not np.isfinite(reduced.statistics["p"][name]), name
     # The histograms count the finite entries only.
     for kind, values in (("gradient", result.gradient), ("activation", x)):
         finite = values[np.isfinite(values)]
