@@ -48,8 +48,9 @@ def run_backend(reps: int) -> int:
     import numpy as np
 
     import keras_actgrad
-    from keras_actgrad._engine import PassConfig, get_engine
-    from keras_actgrad._statistics import STATISTICS, StatisticsReducer
+    from keras_actgrad._backends.base import PassConfig
+    from keras_actgrad._engine import get_engine
+    from keras_actgrad._statistics.statistics import STATISTICS, StatisticsReducer
 
     model = build_model()
     rng = np.random.default_rng(0)
@@ -58,6 +59,7 @@ def run_backend(reps: int) -> int:
 
     engine = get_engine(model)
     config = PassConfig("model", False, False, StatisticsReducer(STATISTICS, 0))
+    batch = engine.prepare(x, y)
 
     def train() -> object:
         return model.train_on_batch(x, y)
@@ -66,7 +68,7 @@ def run_backend(reps: int) -> int:
         return keras_actgrad.activation_gradients(model, x, y)
 
     def event() -> object:
-        return engine.adapter.to_numpy(engine.run(x, y, None, config))
+        return engine.run(batch, config).outputs
 
     functions = {"train": train, "probe": probe, "event": event}
     for _ in range(2):  # trace and compile everything

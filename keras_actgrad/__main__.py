@@ -12,12 +12,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from keras_actgrad._report import (
-    DEAD_UNIT_FRACTION,
-    EXPLODING_RATIO,
-    VANISHING_RATIO,
-    load_report,
-)
+from keras_actgrad._report import load_report
+from keras_actgrad._tags import DEAD_UNIT_FRACTION, EXPLODING_RATIO, VANISHING_RATIO
 
 
 def _parser() -> argparse.ArgumentParser:

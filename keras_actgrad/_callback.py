@@ -6,33 +6,35 @@ import importlib.util
 import math
 import numbers
 import os
-import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import keras
 import numpy as np
 
-from keras_actgrad._engine import (
-    LossSpec,
-    PassConfig,
-    ProbeEngine,
-    describe,
-    get_engine,
-    standardize,
+from keras_actgrad import _alerts
+from keras_actgrad._arguments import (
+    FreqSpec,
+    check_freq,
+    first_batch,
+    global_step,
+    is_positive_int,
+    writes_summaries,
 )
-from keras_actgrad._probe import find_probes
-from keras_actgrad._statistics import (
+from keras_actgrad._backends.base import LossSpec, PassConfig
+from keras_actgrad._engine import Batch, ProbeEngine, get_engine
+from keras_actgrad._engine.losses import check_loss
+from keras_actgrad._events import history, to_columns
+from keras_actgrad._statistics.statistics import (
     DEFAULT_BINS,
     STATISTICS,
     Reduced,
     StatisticsReducer,
     check_statistics,
-    log_key,
 )
+from keras_actgrad._tags import EXPLODING_RATIO, VANISHING_RATIO, log_key
 
 _ON_NONFINITE = ("warn", "raise", "stop")
-FreqSpec = int | Sequence[int] | Callable[[int], bool]
 
 
 class ActivationGradientCallback(keras.callbacks.Callback):
@@ -157,13 +159,13 @@ class ActivationGradientCallback(keras.callbacks.Callback):
         batch_freq: int | None = None,
         training: bool = False,
         histogram_bins: int = DEFAULT_BINS,
-        vanishing_threshold: float = 1e-4,
-        exploding_threshold: float = 1e4,
+        vanishing_threshold: float = VANISHING_RATIO,
+        exploding_threshold: float = EXPLODING_RATIO,
         profile_images: bool = False,
     ) -> None:
         super().__init__()
-        self.freq = _check_freq(freq)
-        if batch_freq is not None and not _is_positive_int(batch_freq):
+        self.freq = check_freq(freq)
+        if batch_freq is not None and not is_positive_int(batch_freq):
             raise ValueError(
                 "`batch_freq` must be a positive int (probe every N training "
                 f"steps) or None (off). Received: batch_freq={batch_freq!r}."
@@ -190,13 +192,9 @@ class ActivationGradientCallback(keras.callbacks.Callback):
                 f"log_statistics={list(log_statistics)!r}."
             )
         self.log_statistics = log_statistics
-        if not (isinstance(loss, str) or callable(loss)):
-            raise ValueError(
-                "`loss` must be 'model', 'sum', a Keras loss name, or a callable "
-                f"`loss(y_true, y_pred) -> scalar`. Received: loss={loss!r}."
-            )
+        check_loss(loss)
         self.loss = loss
-        if not _is_positive_int(histogram_bins):
+        if not is_positive_int(histogram_bins):
             raise ValueError(
                 "`histogram_bins` must be a positive int. "
                 f"Received: histogram_bins={histogram_bins!r}."
@@ -247,7 +245,7 @@ class ActivationGradientCallback(keras.callbacks.Callback):
         self.training = bool(training)
         self.vanishing_threshold = float(vanishing_threshold)
         self.exploding_threshold = float(exploding_threshold)
-        self._x, self._y, self._sample_weight = _first_batch(probe_data)
+        self._x, self._y, self._sample_weight = first_batch(probe_data)
         computed = set(self.statistics) | {"grad_norm", "nonfinite"}
         self._reducer = StatisticsReducer(
             statistics=tuple(name for name in STATISTICS if name in computed),
@@ -257,35 +255,37 @@ class ActivationGradientCallback(keras.callbacks.Callback):
         self.probe_order: list[str] = []
         self._engine: ProbeEngine | None = None
         self._writer: Any = None
-        self._alerted: set[str] = set()
+        self._alerts = _alerts.Alerts(
+            on_nonfinite, self.vanishing_threshold, self.exploding_threshold
+        )
         self._step = 0
         self._epoch_start_step = 0
         self._epoch = 0
-        self._device_data: tuple[Any, Any, Any] | None = None
+        self._batch: Batch | None = None
         self._checked_model: keras.Model | None = None
-        self._reached: list[str] = []
         if batch_freq is not None:
             self.on_train_batch_end = self._on_train_batch_end
 
     # Keras hooks.
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
-        self._alerted = set()
+        self._alerts.reset()
         self._engine = get_engine(self.model)
-        self._step = _global_step(self.model)
+        self._step = global_step(self.model)
         self._epoch_start_step = self._step
-        if self._device_data is None:
-            self._device_data = _to_device(self._x, self._y, self._sample_weight)
         # The checks: one probe pass before the first batch (once per model;
-        # a later `fit` reuses the checked, compiled pass).
+        # a later `fit` reuses the checked batch and the compiled pass).
         reduced = None
         if self.probe_at_start or self._checked_model is not self.model:
+            self._batch = self._engine.prepare(
+                self._x, self._y, self._sample_weight, self.loss
+            )
             reduced = self._probe()
             self._checked_model = self.model
         if (
             self.log_dir is not None
             and self._writer is None
-            and _writes_summaries(self.model)
+            and writes_summaries(self.model)
         ):
             from keras_actgrad._tensorboard import EventWriter
 
@@ -353,8 +353,8 @@ class ActivationGradientCallback(keras.callbacks.Callback):
         return epoch in self.freq
 
     def _probe(self) -> Reduced:
-        engine = self._engine
-        if engine is None or self._device_data is None:
+        engine, batch = self._engine, self._batch
+        if engine is None or batch is None:
             raise RuntimeError(
                 "ActivationGradientCallback probes only during `fit` (after "
                 "`on_train_begin`). Pass it to `model.fit(callbacks=[...])`."
@@ -365,21 +365,10 @@ class ActivationGradientCallback(keras.callbacks.Callback):
             weight_gradients=self.weight_gradients,
             reducer=self._reducer,
         )
-        x, y, sample_weight = self._device_data
-        vector = engine.adapter.to_numpy(engine.run(x, y, sample_weight, config))
-        weight_paths = (
-            list(dict.fromkeys(v.path for v in self.model.trainable_variables))
-            if self.weight_gradients
-            else []
-        )
-        reduced = self._reducer.unpack(vector, engine.probe_order, weight_paths)
-        if self._reached != engine.probe_order:
-            # Probes the forward pass never reached go last (NaN statistics).
-            self._reached = list(engine.probe_order)
-            order = list(engine.probe_order)
-            order += [p.name for p in find_probes(self.model) if p.name not in order]
-            self.probe_order = order
-        return reduced
+        result = engine.run(batch, config)
+        # Probes the forward pass never reached go last (NaN statistics).
+        self.probe_order = result.order
+        return self._reducer.unpack(result.outputs, result.reached, result.weight_paths)
 
     def _record(
         self, kind: str, epoch: int | None, step: int, reduced: Reduced
@@ -404,7 +393,12 @@ class ActivationGradientCallback(keras.callbacks.Callback):
         )
         if self._writer is not None:
             self._writer.write(kind, step, reduced, self.statistics, self.probe_order)
-        self._alert(kind, epoch, step, reduced)
+        self._alerts.check(
+            self.model,
+            self._where(kind, epoch, step),
+            self.probe_order,
+            reduced.statistics,
+        )
 
     # Alerts.
 
@@ -414,63 +408,6 @@ class ActivationGradientCallback(keras.callbacks.Callback):
         if kind == "start":
             return "before the first update"
         return f"at training step {step}"
-
-    def _alert(self, kind: str, epoch: int | None, step: int, reduced: Reduced) -> None:
-        where = self._where(kind, epoch, step)
-        model_name = self.model.name
-        for probe in self.probe_order:
-            count = reduced.statistics.get(probe, {}).get("nonfinite", math.nan)
-            if not count > 0:
-                continue
-            message = (
-                f"Non-finite gradients (NaN or Inf) {where} in model '{model_name}': "
-                f"first in forward order at probe '{probe}' ({int(count)} "
-                "entries of the probe batch's gradient). The loss or an "
-                "activation overflowed or divided by zero; lower the learning "
-                "rate, clip gradients, or check the inputs."
-            )
-            if self.on_nonfinite == "raise":
-                raise FloatingPointError(message)
-            if self.on_nonfinite == "stop":
-                self.model.stop_training = True
-                message += " Training stops (on_nonfinite='stop')."
-            self._warn_once("nonfinite", message)
-            break
-        norms = [
-            (probe, reduced.statistics[probe]["grad_norm"])
-            for probe in self.probe_order
-            if probe in reduced.statistics
-            and math.isfinite(reduced.statistics[probe]["grad_norm"])
-        ]
-        if len(norms) < 2 or norms[-1][1] <= 0:
-            return
-        (first, first_norm), (last, last_norm) = norms[0], norms[-1]
-        ratio = first_norm / last_norm
-        if ratio < self.vanishing_threshold:
-            self._warn_once(
-                "vanishing",
-                f"Vanishing gradient {where} in model '{model_name}': grad_norm at "
-                f"the first probe '{first}' ({first_norm:.3g}) is {ratio:.3g} times "
-                f"that at the last probe '{last}' ({last_norm:.3g}), below "
-                f"vanishing_threshold={self.vanishing_threshold:g}. Consider ReLU-"
-                "like activations, normalization, residual connections or a "
-                "different initialization.",
-            )
-        elif ratio > self.exploding_threshold:
-            self._warn_once(
-                "exploding",
-                f"Exploding gradient {where} in model '{model_name}': grad_norm at "
-                f"the first probe '{first}' ({first_norm:.3g}) is {ratio:.3g} times "
-                f"that at the last probe '{last}' ({last_norm:.3g}), above "
-                f"exploding_threshold={self.exploding_threshold:g}. Consider "
-                "normalization, gradient clipping or a smaller initialization.",
-            )
-
-    def _warn_once(self, alert: str, message: str) -> None:
-        if alert in self._alerted:
-            return
-        self._alerted.add(alert)
-        warnings.warn(message, stacklevel=4)
 
     # In-memory results.
 
@@ -486,31 +423,7 @@ class ActivationGradientCallback(keras.callbacks.Callback):
             `actgrad_weights/<variable path>/grad_norm` key, one entry per
             event, in the order recorded.
         """
-        if kind not in ("epoch", "start", "batch"):
-            raise ValueError(
-                f"`kind` must be 'epoch', 'start' or 'batch'. Received: kind={kind!r}."
-            )
-        events = [event for event in self.events if event["kind"] == kind]
-        columns: dict[str, list[float]] = {
-            "epoch": [math.nan if e["epoch"] is None else e["epoch"] for e in events],
-            "step": [e["step"] for e in events],
-        }
-        keys: dict[str, None] = {}
-        for event in events:
-            for probe, values in event["statistics"].items():
-                for name in values:
-                    keys[log_key(probe, name)] = None
-            for path in event["weight_grad_norms"]:
-                keys[f"actgrad_weights/{path}/grad_norm"] = None
-        for key in keys:
-            columns[key] = []
-        for event in events:
-            for key in keys:
-                columns[key].append(_lookup(event, key))
-        return {
-            key: np.asarray(values, dtype=np.int64 if key == "step" else np.float64)
-            for key, values in columns.items()
-        }
+        return to_columns(self.events, kind, ("epoch", "start", "batch"))
 
     @property
     def history(self) -> dict[str, list[float]]:
@@ -519,153 +432,4 @@ class ActivationGradientCallback(keras.callbacks.Callback):
         Keys are `"epoch"` (the probed epoch indices) and every
         `actgrad/<probe>/<statistic>` (and weight-gradient) key.
         """
-        columns = self.to_numpy("epoch")
-        history: dict[str, list[float]] = {
-            "epoch": columns.pop("epoch").astype(int).tolist()
-        }
-        del columns["step"]
-        history.update((key, values.tolist()) for key, values in columns.items())
-        return history
-
-
-def _lookup(event: dict[str, Any], key: str) -> float:
-    if key.startswith("actgrad_weights/"):
-        path = key[len("actgrad_weights/") : -len("/grad_norm")]
-        return float(event["weight_grad_norms"].get(path, math.nan))
-    probe, _, statistic = key[len("actgrad/") :].rpartition("/")
-    return float(event["statistics"].get(probe, {}).get(statistic, math.nan))
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_positive_int(value: Any) -> bool:
-    return _is_int(value) and int(value) > 0
-
-
-def _check_freq(freq: Any) -> FreqSpec:
-    if _is_int(freq):
-        if int(freq) > 0:
-            return int(freq)
-    elif callable(freq):
-        return freq  # type: ignore[no-any-return]
-    elif isinstance(freq, Iterable) and not isinstance(freq, (str, bytes, dict)):
-        epochs = list(freq)
-        if all(_is_int(e) and int(e) >= 0 for e in epochs):
-            return frozenset(int(e) for e in epochs)  # type: ignore[return-value]
-    raise ValueError(
-        "`freq` must be a positive int N (probe at epochs with epoch % N == 0), "
-        "a list of 0-based epoch indices (ints >= 0), or a callable "
-        f"`epoch -> bool`. Received: freq={freq!r}."
-    )
-
-
-def _writes_summaries(model: keras.Model) -> bool:
-    """False on the non-chief workers of a multi-worker `tf.distribute` run.
-
-    Keras's TensorFlow trainer exposes the model's strategy; its
-    `extended.should_save_summary` is False on every worker but the chief
-    (`MultiWorkerMirroredStrategy`) and True otherwise.
-    """
-    strategy = getattr(model, "distribute_strategy", None)
-    extended = getattr(strategy, "extended", None)
-    try:
-        return bool(getattr(extended, "should_save_summary", True))
-    except NotImplementedError:
-        return True
-
-
-def _global_step(model: keras.Model) -> int:
-    optimizer = getattr(model, "optimizer", None)
-    iterations = getattr(optimizer, "iterations", None)
-    if iterations is None:
-        return 0
-    try:
-        return int(keras.ops.convert_to_numpy(iterations))
-    except Exception:  # noqa: BLE001 - an optimizer not built yet
-        return 0
-
-
-def _is_dataset(data: Any) -> bool:
-    return type(data).__module__.startswith("tensorflow") and hasattr(
-        data, "element_spec"
-    )
-
-
-def _first_batch(probe_data: Any) -> tuple[Any, Any, Any]:
-    """Returns `(x, y, sample_weight)` of the probe batch, as NumPy."""
-    source = "probe_data"
-    batch = probe_data
-    if isinstance(probe_data, keras.utils.PyDataset):
-        if len(probe_data) == 0:
-            raise ValueError(
-                "`probe_data` is an empty `PyDataset`: it has no batch to take. "
-                f"Received: probe_data={probe_data!r}."
-            )
-        batch = probe_data[0]
-        source = "the first batch of `probe_data`"
-    elif _is_dataset(probe_data) or (
-        not isinstance(probe_data, (tuple, list, dict, str, bytes))
-        and getattr(probe_data, "shape", None) is None
-        and isinstance(probe_data, Iterable)
-    ):
-        try:
-            batch = next(iter(probe_data))
-        except StopIteration:
-            raise ValueError(
-                "`probe_data` is an empty dataset or generator: it has no batch "
-                f"to take. Received: probe_data={probe_data!r}."
-            ) from None
-        source = "the first batch of `probe_data`"
-    if batch is None or isinstance(batch, (str, bytes, numbers.Number)):
-        raise ValueError(
-            "`probe_data` must be `(x, y)`, `(x, y, sample_weight)`, `x` alone "
-            "(an array, a list or a dict of arrays), or a `tf.data.Dataset`, "
-            "`keras.utils.PyDataset` or generator yielding such batches. "
-            f"Received: probe_data={probe_data!r}."
-        )
-    if isinstance(batch, tuple):
-        if not 1 <= len(batch) <= 3:
-            raise ValueError(
-                f"{source} is a tuple of {len(batch)} elements; expected `(x,)`, "
-                "`(x, y)` or `(x, y, sample_weight)`. Pass multiple inputs as a "
-                f"list or dict inside `x`. Received: {describe(batch)}."
-            )
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
-    else:
-        x, y, sample_weight = batch, None, None
-    to_numpy = _numpy_leaves
-    return to_numpy(x), to_numpy(y), to_numpy(sample_weight)
-
-
-def _numpy_leaves(data: Any) -> Any:
-    if data is None:
-        return None
-
-    def convert(leaf: Any) -> Any:
-        if isinstance(leaf, np.ndarray) or leaf is None:
-            return leaf
-        if hasattr(leaf, "numpy") or hasattr(leaf, "__array__"):
-            return keras.ops.convert_to_numpy(leaf)
-        return leaf
-
-    return keras.tree.map_structure(convert, data)
-
-
-def _to_device(x: Any, y: Any, sample_weight: Any) -> tuple[Any, Any, Any]:
-    """Moves the probe batch to the device once (numeric arrays only)."""
-
-    def convert(leaf: Any) -> Any:
-        if isinstance(leaf, np.ndarray) and leaf.dtype.kind in "biuf":
-            return keras.ops.convert_to_tensor(leaf)
-        return leaf
-
-    def move(data: Any) -> Any:
-        return (
-            None
-            if data is None
-            else keras.tree.map_structure(convert, standardize(data))
-        )
-
-    return move(x), move(y), move(sample_weight)
+        return history(self.to_numpy("epoch"))

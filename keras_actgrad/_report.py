@@ -14,27 +14,29 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Sequence
 
 import numpy as np
 
-EVENTS_SUBDIR = "actgrad"
-# Text summaries the callback writes beside its scalars (JSON): the probes in
-# forward order, and its alert thresholds, so that the report uses them.
-PROBE_ORDER_TAG = "actgrad/probe_order"
-THRESHOLDS_TAG = "actgrad/alert_thresholds"
+from keras_actgrad import _alerts
+from keras_actgrad._plots import number, plot_heatmap
+from keras_actgrad._tags import (
+    DEAD_UNIT_FRACTION,
+    EVENTS_SUBDIR,
+    EXPLODING_RATIO,
+    PREFIXES,
+    PROBE_ORDER_TAG,
+    THRESHOLDS_TAG,
+    VANISHING_RATIO,
+    parse_key,
+)
 
-# Alert thresholds, shared with the callback's alert defaults. A probe's
-# `grad_norm` is compared with the `grad_norm` of the last probe in forward
-# order (the one nearest the loss): the callback compares the first probe
-# with the last one, so its epoch alerts match the report's first row.
-VANISHING_RATIO = 1e-4
-EXPLODING_RATIO = 1e4
-# A probe is flagged for dead units when at least this fraction of its units
-# (last axis) is zero for every example of the probe batch.
-DEAD_UNIT_FRACTION = 0.5
-
-_PREFIXES = ("actgrad/", "actgrad_start/", "actgrad_batch/", "actgrad_weights/")
+__all__ = [
+    "DEAD_UNIT_FRACTION",
+    "EXPLODING_RATIO",
+    "VANISHING_RATIO",
+    "Report",
+    "load_report",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,13 +113,12 @@ class Report:
         dead = self.values.get("dead_unit_fraction", {})
         # Per epoch, the `grad_norm` of the last probe that has a finite one
         # (as the callback does, probes without a gradient are left out).
-        reference: dict[int, float] = {}
-        for epoch in self.epochs:
-            for probe in reversed(self.probes):
-                norm = norms.get(probe, {}).get(epoch, math.nan)
-                if math.isfinite(norm):
-                    reference[epoch] = norm
-                    break
+        reference = {
+            epoch: _alerts.reference_norm(
+                [norms.get(probe, {}).get(epoch, math.nan) for probe in self.probes]
+            )
+            for epoch in self.epochs
+        }
         out: dict[str, list[str]] = {}
         for probe in self.probes:
             first: dict[str, int] = {}
@@ -129,14 +130,17 @@ class Report:
                 logged = epoch in norms.get(probe, {})
                 if count is None:  # `nonfinite` not logged: judge by the norm
                     count = 1.0 if logged and not math.isfinite(norm) else 0.0
+                ratio_alert = _alerts.ratio_alert(ratio, vanishing, exploding)
                 conditions = {
                     # The callback logs NaN for every gradient statistic of a
                     # probe that has no gradient (not connected to the loss).
                     "no gradient": logged and math.isnan(count),
-                    "non-finite": count > 0,
-                    "vanishing": ratio < vanishing,
-                    "exploding": ratio > exploding,
-                    "dead units": dead.get(probe, {}).get(epoch, 0.0) >= dead_units,
+                    "non-finite": _alerts.nonfinite(count),
+                    "vanishing": ratio_alert == "vanishing",
+                    "exploding": ratio_alert == "exploding",
+                    "dead units": _alerts.dead_units(
+                        dead.get(probe, {}).get(epoch, 0.0), dead_units
+                    ),
                 }
                 for name, holds in conditions.items():
                     if holds:
@@ -172,10 +176,10 @@ class Report:
             last = series.get(last_epoch, math.nan)
             row = [probe]
             if starts:
-                row.append(_number(starts.get(probe, math.nan)))
+                row.append(number(starts.get(probe, math.nan)))
             row += [
-                _number(first),
-                _number(last),
+                number(first),
+                number(last),
                 _trend(first, last),
                 ", ".join(alerts[probe]) or "-",
             ]
@@ -218,14 +222,6 @@ class Report:
                 f"{self.statistics}. Received: statistic='{statistic}'."
             )
         return self.values[statistic]
-
-
-def _number(value: float, digits: int = 3) -> str:
-    if math.isnan(value):
-        return "nan"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return f"{value:.{digits}g}"
 
 
 def _trend(first: float, last: float) -> str:
@@ -346,27 +342,28 @@ def load_report(log_dir: str) -> Report:
     scalars: dict[str, dict[int, float]] = {}
     order: list[str] = []
     thresholds: dict[str, float] = {}
+    epoch_prefix = PREFIXES["epoch"] + "/"
     for file in _event_files(path):
         file_scalars, file_order, file_thresholds = _read_event_file(file)
         steps = [
             step
             for tag, series in file_scalars.items()
-            if tag.startswith("actgrad/")
+            if tag.startswith(epoch_prefix)
             for step in series
         ]
         if steps:
             first = min(steps)
             for tag, series in scalars.items():
-                if tag.startswith("actgrad/"):
+                if tag.startswith(epoch_prefix):
                     scalars[tag] = {k: v for k, v in series.items() if k < first}
         for tag, series in file_scalars.items():
-            if tag.startswith("actgrad_start/"):
+            if tag.startswith(PREFIXES["start"] + "/"):
                 scalars[tag] = series  # the latest run's start event
             else:
                 scalars.setdefault(tag, {}).update(series)
         order = file_order or order
         thresholds = file_thresholds or thresholds
-    if not any(tag.startswith(_PREFIXES) for tag in scalars):
+    if not any(parse_key(tag) for tag in scalars):
         raise ValueError(
             f"No keras-actgrad events in '{log_dir}': the event files in '{path}' "
             "hold no `actgrad/...` scalars. Point the report at the `log_dir` "
@@ -376,13 +373,13 @@ def load_report(log_dir: str) -> Report:
     values: dict[str, dict[str, dict[int, float]]] = {}
     start: dict[str, dict[str, float]] = {}
     for tag, series in scalars.items():
-        prefix, _, rest = tag.partition("/")
-        probe, _, statistic = rest.rpartition("/")
-        if not probe or prefix not in ("actgrad", "actgrad_start"):
+        parsed = parse_key(tag)
+        if parsed is None or not series:
             continue
-        if prefix == "actgrad" and series:
+        prefix, probe, statistic = parsed
+        if prefix == PREFIXES["epoch"]:
             values.setdefault(statistic, {})[probe] = dict(sorted(series.items()))
-        elif series:
+        elif prefix == PREFIXES["start"]:
             start.setdefault(statistic, {})[probe] = series[max(series)]
     if not values:
         raise ValueError(
@@ -398,175 +395,3 @@ def load_report(log_dir: str) -> Report:
         {e for per_probe in values.values() for s in per_probe.values() for e in s}
     )
     return Report(log_dir, probes, epochs, values, start, thresholds)
-
-
-def plot_heatmap(
-    report: Report,
-    path: str,
-    statistic: str = "grad_norm",
-    vanishing: float | None = None,
-    exploding: float | None = None,
-    dead_units: float = DEAD_UNIT_FRACTION,
-) -> None:
-    """Saves `report`'s probes x epochs heatmap of `statistic` to `path` (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib import colors, figure, ticker
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    data = report.matrix(statistic)
-    alerts = report.alerts(vanishing, exploding, dead_units)
-    n_probes, n_epochs = data.shape
-    positive = data[np.isfinite(data) & (data > 0)]
-    labels_inches = 0.08 * max((len(p) + 14 for p in report.probes), default=10)
-    height = 1.6 + 0.42 * n_probes
-    fig = figure.Figure(
-        figsize=(min(18.0, labels_inches + 2.2 + 0.55 * max(n_epochs, 6)), height),
-        dpi=100,
-        layout="constrained",
-    )
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#d9d9d9")
-    norm = None
-    low = high = 1.0
-    if positive.size:
-        low, high = float(positive.min()), float(positive.max())
-        if high <= low * 1.0001:
-            low, high = low / 2, high * 2
-        norm = colors.LogNorm(vmin=low, vmax=high)
-    shown = np.ma.masked_where(~(np.isfinite(data) & (data > 0)), data)
-    image = ax.imshow(
-        shown, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest"
-    )
-    ax.set_xticks(range(n_epochs), [str(e) for e in report.epochs])
-    if n_epochs > 20:
-        for k, label in enumerate(ax.get_xticklabels()):
-            label.set_visible(k % math.ceil(n_epochs / 20) == 0)
-    labels = [
-        f"{p}  [{', '.join(a.split(' (')[0] for a in alerts[p])}]" if alerts[p] else p
-        for p in report.probes
-    ]
-    ax.set_yticks(range(n_probes), labels)
-    for probe, label in zip(report.probes, ax.get_yticklabels(), strict=True):
-        if alerts[probe]:
-            label.set_color("#c0392b")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("probe (forward order, input at top)")
-    ax.set_title(f"{statistic} per probe and epoch", loc="left")
-    if norm is not None:
-        bar = fig.colorbar(image, ax=ax, pad=0.02, aspect=max(20.0, 8 * height))
-        bar.set_label(f"{statistic} (log scale)")
-        plain = ticker.FuncFormatter(lambda value, _: _number(value, digits=2))
-        bar.ax.yaxis.set_major_formatter(plain)
-        if high / low < 30:  # under ~1.5 decades: label the minor ticks too
-            bar.ax.yaxis.set_minor_formatter(plain)
-        else:
-            bar.ax.yaxis.set_minor_formatter(ticker.NullFormatter())
-    if n_probes * n_epochs <= 300 and n_epochs <= 24:
-        for i in range(n_probes):
-            for j in range(n_epochs):
-                value = data[i, j]
-                if math.isnan(value) and not _logged(report, statistic, i, j):
-                    continue
-                text = _number(value, digits=2)
-                dark = (
-                    norm is not None
-                    and np.isfinite(value)
-                    and value > 0
-                    and (norm(value) < 0.6)
-                )
-                ax.text(
-                    j,
-                    i,
-                    text,
-                    ha="center",
-                    va="center",
-                    fontsize=8,
-                    color="white" if dark else "black",
-                )
-    fig.savefig(path)
-
-
-def _logged(report: Report, statistic: str, i: int, j: int) -> bool:
-    probe, epoch = report.probes[i], report.epochs[j]
-    return epoch in report.values[statistic].get(probe, {})
-
-
-def profile_png(
-    probes: Sequence[str],
-    grad_norms: Sequence[float],
-    title: str,
-    vanishing: float | None = None,
-) -> tuple[bytes, int, int]:
-    """A bar chart of `grad_norms` per probe (log scale), PNG-encoded.
-
-    Probes in forward order, left to right; zero or non-finite values are
-    drawn as short red bars labelled with their value. When a probe falls
-    within 10x of the vanishing threshold (`vanishing`, by default
-    `VANISHING_RATIO`, times the last probe's `grad_norm`), the threshold is
-    drawn as a dashed line. Used for
-    TensorBoard's Images tab (`profile_images=True` in the callback).
-
-    Returns:
-        `(png_bytes, width, height)`.
-    """
-    import io
-
-    from matplotlib import figure
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    ratio = VANISHING_RATIO if vanishing is None else vanishing
-    values = np.asarray(grad_norms, dtype=float)
-    # Fixed margins (a constrained layout costs several times the drawing):
-    # room below the axes for the 45-degree probe names.
-    labels_inches = (max((len(p) for p in probes), default=4) * 3.0 + 12) / 72
-    width = max(4.0, 1.4 + 0.4 * len(probes))
-    height = 2.4 + labels_inches
-    fig = figure.Figure(figsize=(width, height), dpi=90)
-    fig.subplots_adjust(
-        left=0.8 / width,
-        right=1 - 0.15 / width,
-        bottom=(labels_inches + 0.45) / height,
-        top=1 - 0.35 / height,
-    )
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    good = np.isfinite(values) & (values > 0)
-    floor = values[good].min() / 10 if good.any() else 1e-8
-    heights = np.where(good, values, floor)
-    bars = ax.bar(range(len(probes)), heights, color="#2a788e")
-    for bar, value, ok in zip(bars, values, good, strict=True):
-        if not ok:
-            bar.set_color("#c0392b")
-            ax.annotate(
-                _number(value),
-                (bar.get_x() + bar.get_width() / 2, floor),
-                ha="center",
-                va="bottom",
-                fontsize=8,
-                color="#c0392b",
-            )
-    finite = values[np.isfinite(values)]
-    reference = float(finite[-1]) if finite.size else math.nan  # the last probe's
-    if reference > 0:
-        threshold = ratio * reference
-        if good.any() and values[good].min() < 10 * threshold:
-            ax.axhline(
-                threshold,
-                color="#c0392b",
-                linestyle="--",
-                linewidth=1,
-                label=f"vanishing: {ratio:g} x last probe",
-            )
-            ax.legend(loc="upper left", fontsize=8, frameon=False)
-    ax.set_yscale("log")
-    ax.set_xticks(range(len(probes)), list(probes), rotation=45, ha="right", fontsize=8)
-    ax.set_xlabel("probe (forward order)")
-    ax.set_ylabel("grad_norm (log scale)")
-    ax.set_title(title, loc="left", fontsize=10)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    width, height = (int(round(v)) for v in fig.get_size_inches() * fig.dpi)
-    return buffer.getvalue(), width, height

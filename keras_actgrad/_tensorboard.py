@@ -9,7 +9,8 @@ pure-Python record writer. So it needs the `tensorboard` package, no
 TensorFlow session, and works with every Keras backend; both are imported
 lazily, when a writer is created.
 
-What it writes, per probe event (the contract `_report.py` reads):
+What it writes, per probe event (the contract `_report.py` reads; every
+tag is built in `_tags.py`):
 
 - scalars `<prefix>/<probe>/<statistic>`, stored as TensorFlow 2 writes
   them (`tf.summary.scalar`): a float32 scalar tensor with the `scalars`
@@ -45,17 +46,15 @@ from typing import Any
 
 import numpy as np
 
-from keras_actgrad._report import PROBE_ORDER_TAG, THRESHOLDS_TAG
-from keras_actgrad._statistics import Reduced
-
-PREFIXES = {"epoch": "actgrad", "start": "actgrad_start", "batch": "actgrad_batch"}
-WEIGHT_PREFIXES = {
-    "epoch": "actgrad_weights",
-    "start": "actgrad_weights_start",
-    "batch": "actgrad_weights_batch",
-}
-PROFILE_IMAGE_TAG = "actgrad/grad_norm_profile"
-SUBDIRECTORY = "actgrad"
+from keras_actgrad._statistics.statistics import Reduced
+from keras_actgrad._tags import (
+    EVENTS_SUBDIR,
+    PROBE_ORDER_TAG,
+    PROFILE_IMAGE_TAG,
+    THRESHOLDS_TAG,
+    summary_tag,
+    weight_summary_tag,
+)
 
 _file_counter = 0
 
@@ -145,7 +144,7 @@ class EventWriter:
                 f"Received: log_dir={log_dir!r}."
             ) from error
 
-        self.directory = os.path.join(str(log_dir), SUBDIRECTORY)
+        self.directory = os.path.join(str(log_dir), EVENTS_SUBDIR)
         self._remote = "://" in self.directory
         self._makedirs(self.directory)
         _file_counter += 1
@@ -271,7 +270,6 @@ class EventWriter:
                 f"the event file {self.path} no longer exists (was the log "
                 "directory removed?)"
             )
-        prefix = PREFIXES[kind]
         summary = summary_pb2.Summary()
         scalar = self._plugin_metadata("scalars")
         histogram = self._plugin_metadata("histograms")
@@ -279,20 +277,19 @@ class EventWriter:
             values = reduced.statistics.get(probe, {})
             for statistic in statistics:
                 summary.value.add(
-                    tag=f"{prefix}/{probe}/{statistic}",
+                    tag=summary_tag(kind, probe, statistic),
                     metadata=scalar,
                     tensor=_scalar(values.get(statistic, np.nan)),
                 )
             for name, (low, high, counts) in reduced.histograms.get(probe, {}).items():
                 summary.value.add(
-                    tag=f"{prefix}/{probe}/{name}",
+                    tag=summary_tag(kind, probe, name),
                     metadata=histogram,
                     tensor=_float64_matrix(histogram_buckets(low, high, counts)),
                 )
-        weight_prefix = WEIGHT_PREFIXES[kind]
         for path, norm in reduced.weight_grad_norms.items():
             summary.value.add(
-                tag=f"{weight_prefix}/{path}/grad_norm",
+                tag=weight_summary_tag(kind, path),
                 metadata=scalar,
                 tensor=_scalar(norm),
             )
@@ -331,7 +328,7 @@ class EventWriter:
         if not self.profile_images:
             return None
         try:
-            from keras_actgrad._report import profile_png
+            from keras_actgrad._plots import profile_png
 
             norms = [
                 reduced.statistics.get(probe, {}).get("grad_norm", np.nan)

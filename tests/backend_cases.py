@@ -21,7 +21,8 @@ import numpy as np
 
 import keras_actgrad
 from keras_actgrad import GradientProbe
-from keras_actgrad._engine import FullReducer, PassConfig, get_engine
+from keras_actgrad._backends.base import PassConfig
+from keras_actgrad._engine import Unreduced, get_engine
 
 
 def mlp_batchnorm() -> keras.Model:
@@ -198,16 +199,12 @@ def compute(model: keras.Model, data: dict[str, np.ndarray]) -> dict[str, np.nda
             )
     engine = get_engine(model)
     config = PassConfig(
-        loss="model", training=False, weight_gradients=True, reducer=FullReducer()
+        loss="model", training=False, weight_gradients=True, reducer=Unreduced()
     )
-    full = engine.run(x, y, sample_weight, config)
-    out["loss"] = engine.adapter.to_numpy(full["loss"])
+    full = engine.run(engine.prepare(x, y, sample_weight), config).outputs
+    out["loss"] = full["loss"]
     for path, gradient in full["weight_gradients"].items():
-        out[f"weights/{path}"] = (
-            np.full((), np.nan)
-            if gradient is None
-            else engine.adapter.to_numpy(gradient)
-        )
+        out[f"weights/{path}"] = np.full((), np.nan) if gradient is None else gradient
     return out
 
 

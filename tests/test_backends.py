@@ -26,7 +26,8 @@ import pytest
 
 import keras_actgrad
 from keras_actgrad import GradientProbe
-from keras_actgrad._engine import FullReducer, PassConfig, get_engine
+from keras_actgrad._backends.base import PassConfig
+from keras_actgrad._engine import Unreduced, get_engine
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -166,7 +167,8 @@ DATA_PARALLEL = """
 import json, os
 import jax, keras, numpy as np
 import keras_actgrad
-from keras_actgrad._engine import FullReducer, PassConfig, get_engine
+from keras_actgrad._backends.base import PassConfig
+from keras_actgrad._engine import Unreduced, get_engine
 
 assert len(jax.devices()) == 2, jax.devices()
 
@@ -199,9 +201,10 @@ def run(model):
         ).items():
             out[f"{training}/{name}/activation"] = r.activation
             out[f"{training}/{name}/gradient"] = r.gradient
-    full = get_engine(model).run(
-        x, y, None, PassConfig("model", False, True, FullReducer())
-    )
+    engine = get_engine(model)
+    full = engine.run(
+        engine.prepare(x, y), PassConfig("model", False, True, Unreduced())
+    ).outputs
     for path, g in full["weight_gradients"].items():
         out["weights/" + path] = np.asarray(g)
     return out
@@ -216,7 +219,7 @@ model.set_weights(weights)
 kernel = model.get_layer("d1").kernel.value
 assert len(kernel.sharding.device_set) == 2, kernel.sharding
 # The probe batch is split across the two devices.
-from keras_actgrad._backend_jax import _distribute
+from keras_actgrad._backends.jax import _distribute
 assert len(_distribute(x).sharding.device_set) == 2
 distributed = run(model)
 errors = {}
@@ -379,9 +382,22 @@ def test_torch_keeps_no_graph() -> None:
 
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(4, 4)).astype("float32"), rng.normal(size=(4, 3))
-    out = get_engine(model).run(
-        x, y.astype("float32"), None, PassConfig(loss, False, True, FullReducer())
+    seen_by_reducer: list[Any] = []
+
+    class Recording(Unreduced):
+        key = "recording"
+
+        def __call__(self, *args: Any) -> Any:
+            out = super().__call__(*args)
+            seen_by_reducer.append(out)
+            return out
+
+    engine = get_engine(model)
+    engine.run(
+        engine.prepare(x, y.astype("float32"), None, loss),
+        PassConfig(loss, False, True, Recording()),
     )
+    out = seen_by_reducer[0]
     gc.collect()
     assert seen and seen[0]() is None  # the graph is gone
     tensors = [out["loss"], *out["activations"].values(), *out["gradients"].values()]

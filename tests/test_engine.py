@@ -526,7 +526,7 @@ def test_activity_regularizer_before_the_probe_is_not_counted():
     want = _closed_form(got.activation, head.kernel.numpy(), y)
     np.testing.assert_allclose(got.gradient, want, rtol=1e-5, atol=1e-7)
     # ... though it is part of the loss.
-    out = get_engine(model).run(x, y, None, _config())
+    out = _run(model, x, y, _config())
     hidden = got.activation
     data_loss = np.mean((hidden @ head.kernel.numpy() - y) ** 2)
     penalty = 0.5 * np.sum(hidden**2) / len(x)
@@ -559,16 +559,22 @@ def test_regularizers_after_the_probe():
         )
     np.testing.assert_allclose(got.gradient, tape.gradient(loss, h), rtol=1e-5)
     # Regularization is part of loss="model".
-    result = get_engine(model).run(x, y, None, _config())
+    result = _run(model, x, y, _config())
     np.testing.assert_allclose(float(result["loss"]), float(loss), rtol=1e-5)
 
 
 def _config(loss="model", training=False):
-    from keras_actgrad._engine import FullReducer, PassConfig
+    from keras_actgrad._backends.base import PassConfig
+    from keras_actgrad._engine import Unreduced
 
     return PassConfig(
-        loss=loss, training=training, weight_gradients=False, reducer=FullReducer()
+        loss=loss, training=training, weight_gradients=False, reducer=Unreduced()
     )
+
+
+def _run(model, x, y, config):
+    engine = get_engine(model)
+    return engine.run(engine.prepare(x, y, None, config.loss), config).outputs
 
 
 def test_shared_probe_reached_twice_is_keyed_by_call():
@@ -970,7 +976,7 @@ def test_compiled_functions_are_bounded_and_each_uses_its_own_loss():
     """A new loss object per call compiles anew; the cache keeps only the
     most recent functions, and each call differentiates its own loss:
     d (k * sum(y_pred)) / d y_pred = k everywhere (closed form)."""
-    from keras_actgrad._engine import MAX_COMPILED_FUNCTIONS
+    from keras_actgrad._engine.engine import MAX_COMPILED_FUNCTIONS
 
     inputs = keras.Input((3,))
     outputs = GradientProbe(name="out")(keras.layers.Dense(2)(inputs))

@@ -133,7 +133,7 @@ def test_optimizer_loss_scale_is_used_and_left_unchanged(global_policy):
     assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
     x, y = data()
     model.train_on_batch(x, y)  # builds the optimizer and its dynamic scale
-    from keras_actgrad._backend_tensorflow import loss_scale
+    from keras_actgrad._backends.base import loss_scale
 
     model.optimizer.dynamic_scale.assign(1024.0)
     assert loss_scale(model) == 1024.0

@@ -418,7 +418,7 @@ def test_profile_png_draws_log_scale_bars():
 
     from matplotlib import image
 
-    from keras_actgrad._report import profile_png
+    from keras_actgrad._plots import profile_png
 
     png, width, height = profile_png(
         ["big", "small", "broken"], [1e-1, 1e-4, float("nan")], "t"
@@ -445,12 +445,12 @@ def test_profile_images_needs_log_dir():
 
 
 def test_failed_profile_image_warns_and_keeps_scalars(tmp_path, monkeypatch):
-    from keras_actgrad import _report
+    from keras_actgrad import _plots
 
     def broken(*args):
         raise RuntimeError("no display")
 
-    monkeypatch.setattr(_report, "profile_png", broken)
+    monkeypatch.setattr(_plots, "profile_png", broken)
     model, x, y = small_probed_model()
     callback = keras_actgrad.ActivationGradientCallback(
         (x, y), log_dir=str(tmp_path), histograms=False, profile_images=True

@@ -11,13 +11,14 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import keras_actgrad  # noqa: E402
-from keras_actgrad._engine import PassConfig, get_engine  # noqa: E402
-from keras_actgrad._statistics import (  # noqa: E402
+from keras_actgrad._backends.base import PassConfig  # noqa: E402
+from keras_actgrad._engine import get_engine  # noqa: E402
+from keras_actgrad._statistics.statistics import (  # noqa: E402
     STATISTICS,
     StatisticsReducer,
     check_statistics,
-    log_key,
 )
+from keras_actgrad._tags import log_key  # noqa: E402
 
 BINS = 30
 
@@ -58,9 +59,9 @@ def reduce(
     engine = get_engine(model)
     reducer = StatisticsReducer(STATISTICS, bins)
     config = PassConfig(loss, False, weight_gradients, reducer)
-    vector = engine.adapter.to_numpy(engine.run(x, y, sample_weight, config))
+    result = engine.run(engine.prepare(x, y, sample_weight, loss), config)
     paths = [v.path for v in model.trainable_variables] if weight_gradients else []
-    return reducer.unpack(vector, engine.probe_order, paths)
+    return reducer.unpack(result.outputs, result.reached, paths)
 
 
 def conv_model():
@@ -262,7 +263,8 @@ def test_log_key_and_names():
 
 
 def run_histogram(values, bins):
-    from keras_actgrad._statistics import _unpack_histogram, histogram
+    from keras_actgrad._statistics.moments import histogram
+    from keras_actgrad._statistics.statistics import _unpack_histogram
 
     out = keras.ops.convert_to_numpy(
         histogram(keras.ops.convert_to_tensor(values), bins)
@@ -373,7 +375,7 @@ def test_histograms_of_a_large_constant_tensor(value):
 def test_row_blocks():
     import tensorflow as tf
 
-    from keras_actgrad._backend_tensorflow import row_blocks
+    from keras_actgrad._statistics.moments_tensorflow import row_blocks
 
     assert row_blocks(tf.TensorShape([600, 256])) == [256, 256, 88]
     assert row_blocks(tf.TensorShape([512, 512])) == [128] * 4

@@ -231,7 +231,7 @@ def test_tensorboard_server_lists_our_tags(tmp_path, tensorboard_server):
 def test_pure_python_records_without_tensorflow(tmp_path, monkeypatch):
     import importlib.util
 
-    from keras_actgrad._statistics import Reduced
+    from keras_actgrad._statistics.statistics import Reduced
     from keras_actgrad._tensorboard import EventWriter
 
     find_spec = importlib.util.find_spec

@@ -1,125 +1,17 @@
-"""The TensorFlow adapter: the only module of the engine that imports it.
+"""The moments with TensorFlow ops: fewer passes, row blocks.
 
-A probe output is made differentiable by passing it through `tf.identity`
-and watching the result on a `tf.GradientTape`: the tape's gradient with
-respect to that tensor is the sum over its consumers, which are exactly the
-layers downstream of the probe. Consumers of the probe's *input* (skip
-branches, the previous layer's activity regularizer) are not counted.
-
-Mixed precision: when a probe sees a float16 tensor, the backward pass is
-loss-scaled, as `keras.optimizers.LossScaleOptimizer` does for training, so
-small gradients do not underflow to zero in float16. The scale is the model
-optimizer's current loss scale if it is a `LossScaleOptimizer`, else
-`DEFAULT_LOSS_SCALE`; if the scaled gradients overflow, the scale is divided
-by 16 until they are finite (down to 1). Gradients are unscaled in float32,
-and gradients of float16 and bfloat16 tensors are returned as float32.
-
-Distribution: the probe pass runs the whole probe batch as one computation
-on the worker's default device, outside the replicas, reading the mirrored
-weights (identical on every replica). Inside a `strategy.scope()` Keras
-divides mean losses by the number of replicas (each replica's share of a
-global batch), which would divide the gradients too; there the pass runs in a
-helper thread, where no strategy is in scope.
+The same moments as `moments.Moments`, tested against the same NumPy
+definitions; chosen by the backend dispatcher on TensorFlow.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-from collections.abc import Callable
 from typing import Any
 
-import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_actgrad._engine import (
-    DEFAULT_LOSS_SCALE,
-    SCALE_DIVISOR,
-    LossFn,
-    PassConfig,
-    Tapped,
-    TapRecorder,
-    forward,
-    loss_scale,
-    probe_scope,
-)
-from keras_actgrad._statistics import _Probe, histogram, register_moments
-
-__all__ = ["DEFAULT_LOSS_SCALE", "TensorFlowAdapter", "loss_scale"]
-_SCALE_DIVISOR = SCALE_DIVISOR
-
-
-def _is_float(tensor: Any) -> bool:
-    return bool(getattr(tensor, "dtype", None) is not None and tensor.dtype.is_floating)
-
-
-def _is_float16(tapped: Tapped) -> bool:
-    return tapped.differentiable and tapped.activation.dtype == tf.float16
-
-
-def _to_float32(gradient: Any) -> Any:
-    if isinstance(gradient, tf.IndexedSlices):
-        gradient = tf.convert_to_tensor(gradient)
-    if gradient is None or gradient.dtype not in (tf.float16, tf.bfloat16):
-        return gradient
-    return tf.cast(gradient, tf.float32)
-
-
-def _all_finite(gradients: list[Any]) -> Any:
-    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in gradients])
-
-
-def scaled_gradients(
-    tape: tf.GradientTape, loss: Any, targets: list[Any], scale: Any
-) -> list[Any]:
-    """Gradients of `loss` (float32) with the backward pass scaled by `scale`.
-
-    `tape` must be persistent. Overflowing (non-finite) scaled gradients are
-    recomputed with the scale divided by 16, down to 1; a gradient that is
-    still non-finite at scale 1 is non-finite in truth and is returned as is.
-    """
-
-    def compute(current: Any) -> list[Any]:
-        return [
-            _to_float32(g)
-            for g in tape.gradient(
-                loss,
-                targets,
-                output_gradients=current,
-                unconnected_gradients=tf.UnconnectedGradients.NONE,
-            )
-        ]
-
-    first = compute(scale)
-    present = [i for i, g in enumerate(first) if g is not None]
-    if not present:
-        return first
-    kept = [targets[i] for i in present]
-
-    def compute_present(current: Any) -> list[Any]:
-        grads = tape.gradient(
-            loss,
-            kept,
-            output_gradients=current,
-            unconnected_gradients=tf.UnconnectedGradients.ZERO,
-        )
-        return [_to_float32(g) for g in grads]
-
-    def overflowing(current: Any, grads: list[Any]) -> Any:
-        return tf.logical_and(current > 1.0, tf.logical_not(_all_finite(grads)))
-
-    def smaller(current: Any, grads: list[Any]) -> tuple[Any, list[Any]]:
-        current = tf.maximum(current / _SCALE_DIVISOR, 1.0)
-        return current, compute_present(current)
-
-    final_scale, grads = tf.while_loop(
-        overflowing, smaller, [scale, [first[i] for i in present]]
-    )
-    result: list[Any] = list(first)
-    for i, g in zip(present, grads, strict=True):
-        result[i] = g / final_scale
-    return result
-
+from keras_actgrad._statistics.moments import Moments, histogram
 
 # Row blocks: a reduction over one probe's tensor is split into blocks of at
 # most this many entries. TensorFlow (Eigen) runs an op over a 512 x 512
@@ -193,7 +85,7 @@ def _finite_histogram(tensor: Any, bins: int) -> Any:
     return tf.concat([tf.stack([low, high]), tf.cast(counts, tf.float32)], 0)
 
 
-class TensorFlowMoments(_Probe):
+class TensorFlowMoments(Moments):
     """The statistics' moments with TensorFlow ops, for fewer passes.
 
     Each op of a TensorFlow graph is one pass over the tensor on CPU, so
@@ -201,7 +93,7 @@ class TensorFlowMoments(_Probe):
     (no squared copy) and, while the tensor is finite, `sign(|x|)` for the
     nonzero counts, reusing `|g|` (one pass instead of a comparison and a
     cast; `sign(NaN)` is NaN, so non-finite tensors take the exact path).
-    The same moments as `_Probe`, tested against the same definitions.
+    The same moments as `Moments`, tested against the same definitions.
     """
 
     g: Any  # only read where the probe has a gradient
@@ -233,7 +125,7 @@ class TensorFlowMoments(_Probe):
         # accurate: while |mean| <= 2 std (ReLU and tanh outputs), E[a^2] is
         # at most 5 var, so its float32 rounding error costs at most a few
         # ulps of the variance. Otherwise (e.g. sigmoid outputs bunched near
-        # 0.9) the corrected two-pass form of `_Probe.a_std`.
+        # 0.9) the corrected two-pass form of `Moments.a_std`.
         a = self.a
         mean = self.a_mean()
         size = tf.cast(tf.size(a), tf.float32)
@@ -334,86 +226,3 @@ class TensorFlowMoments(_Probe):
             return self._cache[name]
 
         return tf.stack([tf.cast(value(name), tf.float32) for name in moments])
-
-
-register_moments("tensorflow", TensorFlowMoments)
-
-
-class TensorFlowAdapter:
-    """Builds the probe pass as one `tf.function`."""
-
-    def compile(
-        self,
-        model: keras.Model,
-        loss_fn: LossFn,
-        config: PassConfig,
-        on_trace: Callable[[list[Tapped]], None],
-    ) -> Callable[[Any, Any, Any], Any]:
-        def step(x: Any, y: Any, sample_weight: Any, scale: Any) -> Any:
-            def watched(tensor: Any) -> Any:
-                output = tf.identity(tensor)
-                tape.watch(output)
-                return output
-
-            recorder = TapRecorder(_is_float, watched)
-            tapped = recorder.tapped
-            with tf.GradientTape(
-                watch_accessed_variables=config.weight_gradients, persistent=True
-            ) as tape:
-                with probe_scope(model):
-                    y_pred = forward(model, x, config.training, recorder.tap)
-                    loss = tf.cast(loss_fn(x, y, y_pred, sample_weight), tf.float32)
-            on_trace(tapped)
-            handles = [t.handle for t in tapped if t.differentiable]
-            variables = (
-                list(model.trainable_variables) if config.weight_gradients else []
-            )
-            if any(_is_float16(t) for t in tapped):
-                grads = scaled_gradients(tape, loss, handles + variables, scale)
-            else:
-                grads = [
-                    _to_float32(g)
-                    for g in tape.gradient(
-                        loss,
-                        handles + variables,
-                        unconnected_gradients=tf.UnconnectedGradients.NONE,
-                    )
-                ]
-            probe_grads = iter(grads[: len(handles)])
-            gradients = {
-                t.name: next(probe_grads) if t.differentiable else None for t in tapped
-            }
-            activations = {t.name: t.activation for t in tapped}
-            weight_gradients = {
-                v.path: g for v, g in zip(variables, grads[len(handles) :], strict=True)
-            }
-            # The reductions start once the backward pass is done: run
-            # between its matrix products, they compete for the cores and
-            # the cache (a few percent slower, measured).
-            done = [g for g in grads if g is not None] + [loss]
-            with tf.control_dependencies(done):
-                return config.reducer(activations, gradients, weight_gradients, loss)
-
-        function = tf.function(step)
-
-        def run(x: Any, y: Any, sample_weight: Any) -> Any:
-            scale = tf.constant(loss_scale(model), tf.float32)
-            if not tf.distribute.has_strategy():
-                return function(x, y, sample_weight, scale)
-            if not tf.distribute.in_cross_replica_context():
-                raise RuntimeError(
-                    "The probe pass cannot run inside `strategy.run` (a replica "
-                    "context): it runs the whole probe batch once, outside the "
-                    "replicas. Call it from the Python loop, outside "
-                    "`strategy.run`. Received: a call in the replica context of "
-                    f"{type(tf.distribute.get_strategy()).__name__}."
-                )
-            with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                return pool.submit(function, x, y, sample_weight, scale).result()
-
-        return run
-
-    def to_numpy(self, value: Any) -> np.ndarray:
-        if hasattr(value, "numpy"):
-            return np.asarray(value.numpy())
-        return np.asarray(value)

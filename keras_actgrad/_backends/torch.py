@@ -30,17 +30,19 @@ import keras
 import numpy as np
 import torch
 
-from keras_actgrad._engine import (
-    SCALE_DIVISOR,
+from keras_actgrad._backends.base import (
     LossFn,
     PassConfig,
     Tapped,
     TapRecorder,
     forward,
     loss_scale,
+    loss_scaled,
     probe_scope,
+    to_float32,
 )
-from keras_actgrad._statistics import _Probe, register_moments
+from keras_actgrad._statistics.moments import Moments
+from keras_actgrad._statistics.moments_torch import TorchMoments
 
 
 def _is_float(tensor: Any) -> bool:
@@ -54,33 +56,36 @@ def _signature(data: Any) -> Any:
     )
 
 
-def _gradients(loss: Any, inputs: list[Any], scale: float) -> tuple[Any, ...]:
-    """d loss / d inputs in float32; loss-scaled when `scale` > 1.
+def _gradients(loss: Any, inputs: list[Any], scale: float | None) -> list[Any]:
+    """d loss / d inputs in float32 (`None` where unused).
 
-    With float16 probes the backward pass runs with the output gradient
-    `scale`; while the gradients overflow (and the scale is above 1) the
-    scale is divided by `SCALE_DIVISOR`, as TensorFlow's adapter and
-    `keras.optimizers.LossScaleOptimizer` do. Unscaled in float32.
+    With `scale`, the backward pass is loss-scaled (see `base.loss_scaled`).
     """
-    if scale == 1.0:
+    if scale is None:
         found = torch.autograd.grad(loss, inputs, allow_unused=True)
-        return tuple(None if g is None else _to_float32(g) for g in found)
-    while True:
-        seed = torch.full_like(loss, scale)
-        found = torch.autograd.grad(
-            loss, inputs, grad_outputs=seed, allow_unused=True, retain_graph=scale > 1
+        return [to_float32(g) for g in found]
+    seed = torch.full_like(loss, scale)
+    found = torch.autograd.grad(
+        loss, inputs, grad_outputs=seed, allow_unused=True, retain_graph=True
+    )
+    present = [i for i, g in enumerate(found) if g is not None]
+    kept = [inputs[i] for i in present]
+
+    def compute(current: Any) -> list[Any]:
+        grads = torch.autograd.grad(
+            loss,
+            kept,
+            grad_outputs=current * torch.ones_like(loss),
+            retain_graph=True,
         )
-        grads = tuple(None if g is None else _to_float32(g) / scale for g in found)
-        finite = all(bool(torch.isfinite(g).all()) for g in grads if g is not None)
-        if finite or scale <= 1.0:
-            return grads
-        scale = max(scale / SCALE_DIVISOR, 1.0)
+        return [to_float32(g) for g in grads]
 
-
-def _to_float32(gradient: Any) -> Any:
-    if gradient.dtype in (torch.float16, torch.bfloat16):
-        return gradient.float()
-    return gradient
+    first = [to_float32(found[i]) for i in present]
+    unscaled = loss_scaled(compute, torch.tensor(scale, device=loss.device), first)
+    result: list[Any] = list(found)
+    for i, g in zip(present, unscaled, strict=True):
+        result[i] = g
+    return result
 
 
 def _cuda_devices() -> list[int]:
@@ -91,119 +96,10 @@ def _detach(value: Any) -> Any:
     return value.detach() if isinstance(value, torch.Tensor) else value
 
 
-class TorchMoments(_Probe):
-    """The statistics' moments with torch ops, one kernel each where possible.
-
-    The pass runs eagerly, so each `keras.ops` call would cost a dispatch
-    (argument conversion, dtype checks) on top of its kernel; these are the
-    same moments as `_Probe`'s, in native torch. Kernels are chosen for CPU
-    speed: comparisons against zero (`!=`, `count_nonzero`) are several
-    times slower on ReLU outputs than `abs().sign()`, which is used while
-    the tensor is finite (`sign(NaN)` is NaN; then `!=` counts exactly).
-    """
-
-    g: Any  # only read where the probe has a gradient
-
-    def _sample_norms(self) -> Any:
-        def compute() -> Any:
-            g = self.g
-            if g.dim() <= 1:
-                return g.abs().reshape(-1)
-            return torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1)
-
-        return self._get("_sample_norms", compute)
-
-    def g_sum_sq(self) -> Any:
-        return self._get("g_sum_sq", lambda: self._sample_norms().square().sum())
-
-    def grad_finite(self) -> Any:
-        return self._get("_g_finite", lambda: torch.isfinite(self.g_sum_sq()))
-
-    def act_finite(self) -> Any:
-        return self._get("_a_finite", lambda: torch.isfinite(self.a_mean()))
-
-    def g_size(self) -> Any:
-        return float(self.g.numel())
-
-    def g_sum(self) -> Any:
-        return self.g.sum()
-
-    def g_abs_sum(self) -> Any:
-        return self._abs_g().sum()
-
-    def g_abs_max(self) -> Any:
-        return self._abs_g().amax()
-
-    def _abs_g(self) -> Any:
-        return self._get("_abs_g", lambda: self.g.abs())
-
-    def g_nonzero(self) -> Any:
-        if bool(self.grad_finite()):
-            return self._abs_g().sign().sum()
-        return (self.g != 0).sum().float()
-
-    def g_sample_norm_mean(self) -> Any:
-        return self._sample_norms().mean()
-
-    def g_sample_norm_max(self) -> Any:
-        return self._sample_norms().amax()
-
-    def g_nonfinite(self) -> Any:
-        if bool(self.grad_finite()):
-            return 0.0
-        return (~torch.isfinite(self.g)).sum().float()
-
-    def a_mean(self) -> Any:
-        return self._get("a_mean", lambda: self.a.mean())
-
-    def a_size(self) -> Any:
-        return float(self.a.numel())
-
-    def a_std(self) -> Any:
-        # The corrected two-pass algorithm, as `_Probe.a_std`.
-        centred = self.a - self.a_mean()
-        size = self.a.numel()
-        variance = torch.linalg.vector_norm(centred).square() / size
-        variance = variance - (centred.sum() / size).square()
-        return variance.clamp(min=0.0).sqrt()
-
-    def _unit_counts(self) -> Any:
-        def compute() -> Any:
-            a = self.a
-            units = a.reshape(-1, a.shape[-1] if a.dim() >= 2 else 1)
-            if bool(self.act_finite()):
-                return units.abs().sign().sum(dim=0)
-            return (units != 0).sum(dim=0).float()
-
-        return self._get("_unit_counts", compute)
-
-    def a_nonzero(self) -> Any:
-        return self._unit_counts().sum()
-
-    def a_dead(self) -> Any:
-        return (self._unit_counts() == 0).sum().float()
-
-    def a_units(self) -> Any:
-        return float(self._unit_counts().numel())
-
-    def row(self, moments: Any) -> Any:
-        values = []
-        for moment in moments:
-            value = self.moment(moment)
-            if isinstance(value, torch.Tensor):
-                values.append(value.reshape(()).float())
-            else:
-                values.append(
-                    torch.tensor(value, dtype=torch.float32, device=self.a.device)
-                )
-        return torch.stack(values)
-
-
-register_moments("torch", TorchMoments)
-
-
 class TorchAdapter:
-    """Runs the probe pass eagerly with `torch.autograd.grad`."""
+    """Runs the pass eagerly with `torch.autograd.grad`."""
+
+    moments: type[Moments] = TorchMoments
 
     def compile(
         self,
@@ -239,10 +135,10 @@ class TorchAdapter:
                 if inputs and loss.requires_grad:
                     float16 = any(h.dtype == torch.float16 for h in handles)
                     found = _gradients(
-                        loss, inputs, loss_scale(model) if float16 else 1.0
+                        loss, inputs, loss_scale(model) if float16 else None
                     )
                 else:
-                    found = (None,) * len(inputs)
+                    found = [None] * len(inputs)
             del y_pred
 
             probes = [(t.name, t.differentiable) for t in tapped]

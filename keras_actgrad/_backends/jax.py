@@ -28,15 +28,17 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
-from keras_actgrad._engine import (
-    SCALE_DIVISOR,
+from keras_actgrad._backends.base import (
     LossFn,
     PassConfig,
     Tapped,
     TapRecorder,
     forward,
     loss_scale,
+    loss_scaled,
+    to_float32,
 )
+from keras_actgrad._statistics.moments import Moments
 
 
 def _is_float(tensor: Any) -> bool:
@@ -44,36 +46,21 @@ def _is_float(tensor: Any) -> bool:
     return dtype is not None and bool(jnp.issubdtype(dtype, jnp.floating))
 
 
-def _to_float32(gradient: Any) -> Any:
-    if gradient.dtype in (jnp.float16, jnp.bfloat16):
-        return gradient.astype(jnp.float32)
-    return gradient
-
-
 def _scaled(pullback: Callable[[Any], Any], scale: Any) -> Any:
     """`pullback` of a float16 pass, loss-scaled, unscaled in float32.
 
-    The cotangent is `scale`; while the gradients overflow (and the scale is
-    above 1), the scale is divided by `SCALE_DIVISOR`, as TensorFlow's
-    adapter and `keras.optimizers.LossScaleOptimizer` do.
+    The cotangent is `scale`, backed off while the gradients overflow (see
+    `base.loss_scaled`).
     """
+    structure: list[Any] = []
 
-    def compute(current: Any) -> Any:
-        return jax.tree_util.tree_map(
-            lambda g: g.astype(jnp.float32) / current, pullback(current)
-        )
+    def compute(current: Any) -> list[Any]:
+        leaves, tree = jax.tree_util.tree_flatten(pullback(current))
+        structure[:] = [tree]
+        return [leaf.astype(jnp.float32) for leaf in leaves]
 
-    def overflowing(state: Any) -> Any:
-        current, grads = state
-        leaves = jax.tree_util.tree_leaves(grads)
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in leaves]))
-        return jnp.logical_and(current > 1.0, jnp.logical_not(finite))
-
-    def smaller(state: Any) -> Any:
-        current = jnp.maximum(state[0] / SCALE_DIVISOR, 1.0)
-        return current, compute(current)
-
-    return jax.lax.while_loop(overflowing, smaller, (scale, compute(scale)))[1]
+    unscaled = loss_scaled(compute, scale)
+    return jax.tree_util.tree_unflatten(structure[0], unscaled)
 
 
 def _subjaxpr(eqn: Any) -> Any:
@@ -134,7 +121,9 @@ def _distribute(data: Any) -> Any:
 
 
 class JaxAdapter:
-    """Builds the probe pass as one `jax.jit` function."""
+    """Builds the pass as one `jax.jit` function."""
+
+    moments: type[Moments] = Moments
 
     def compile(
         self,
@@ -227,7 +216,7 @@ class JaxAdapter:
                 grads = _scaled(pullback, scale) if float16 else plain
                 if not config.weight_gradients:
                     plain, grads = ((), *plain), ((), *grads)
-                grads = jax.tree_util.tree_map(_to_float32, grads)
+                grads = jax.tree_util.tree_map(to_float32, grads)
                 return loss, activations, plain, grads
 
             args = (

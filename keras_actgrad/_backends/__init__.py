@@ -1,0 +1,47 @@
+"""The backend dispatcher: the one place that names the adapters.
+
+`base.py` is the contract; `tensorflow.py`, `jax.py` and `torch.py` each
+implement it for one Keras backend and are imported only here, on first
+use, so a backend's framework is imported only when Keras runs on it.
+"""
+
+from __future__ import annotations
+
+import keras
+
+from keras_actgrad._backends.base import Adapter
+from keras_actgrad._statistics.moments import Moments
+
+BACKENDS = ("tensorflow", "jax", "torch")
+
+
+def adapter_class() -> type[Adapter]:
+    """The adapter class of the Keras backend in use."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        from keras_actgrad._backends.tensorflow import TensorFlowAdapter
+
+        return TensorFlowAdapter
+    if backend == "jax":
+        from keras_actgrad._backends.jax import JaxAdapter
+
+        return JaxAdapter
+    if backend == "torch":
+        from keras_actgrad._backends.torch import TorchAdapter
+
+        return TorchAdapter
+    raise NotImplementedError(
+        f"keras-actgrad supports the {', '.join(repr(b) for b in BACKENDS)} Keras "
+        f"backends. Set KERAS_BACKEND to one of them. "
+        f"Received: KERAS_BACKEND='{backend}'."
+    )
+
+
+def get_adapter() -> Adapter:
+    """A new adapter for the Keras backend in use."""
+    return adapter_class()()
+
+
+def moments_class() -> type[Moments]:
+    """The moments of the Keras backend in use (native ops where faster)."""
+    return adapter_class().moments

@@ -1,0 +1,230 @@
+"""The adapter contract: what a backend provides to the engine.
+
+An adapter compiles a *pass*: the model's forward pass with its taps
+recorded (`TapRecorder`), the loss, the backward pass to every tap (and to
+the trainable weights, if asked), and a reducer applied on the device. It
+also turns backend tensors into NumPy and names its native moments class.
+Everything here is backend-neutral (`keras.ops`); the adapters
+(`tensorflow.py`, `jax.py`, `torch.py`) hold the only backend-specific code
+and import nothing above this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Hashable
+from typing import Any, Protocol, TypeAlias
+
+import keras
+import numpy as np
+
+from keras_actgrad._context import tapping
+from keras_actgrad._statistics.moments import Moments
+
+Tensor: TypeAlias = Any
+LossSpec: TypeAlias = str | Callable[..., Any]
+# `loss_fn(x, y, y_pred, sample_weight) -> scalar`, as resolved by the engine.
+LossFn: TypeAlias = Callable[[Any, Any, Any, Any], Tensor]
+
+
+@dataclasses.dataclass
+class Tapped:
+    """What a pass recorded at one tap (backend tensors)."""
+
+    name: str
+    activation: Tensor
+    differentiable: bool
+    handle: Tensor = None  # what the adapter differentiates with respect to
+
+
+class TapRecorder:
+    """Names the tap visits of one pass and records what each one tapped.
+
+    A tap reached twice in one pass is named `name`, then `name@1`, ... A
+    tensor that is not floating point is recorded as not differentiable and
+    passed through unchanged; a floating point one is replaced by
+    `make_handle(tensor)`, the backend's differentiable stand-in for it,
+    which is recorded as both activation and handle.
+
+    Args:
+        is_float: callable, whether a tensor is floating point.
+        make_handle: callable, the tensor the backend differentiates with
+            respect to and passes on downstream of the tap.
+    """
+
+    def __init__(
+        self,
+        is_float: Callable[[Tensor], bool],
+        make_handle: Callable[[Tensor], Tensor],
+    ) -> None:
+        self.tapped: list[Tapped] = []
+        self._is_float = is_float
+        self._make_handle = make_handle
+        self._calls: dict[str, int] = {}
+
+    def tap(self, probe: Any, tensor: Tensor) -> Tensor:
+        """The tap installed by `forward`: records `tensor`, returns its stand-in."""
+        count = self._calls.get(probe.name, 0)
+        self._calls[probe.name] = count + 1
+        name = probe.name if count == 0 else f"{probe.name}@{count}"
+        if not self._is_float(tensor):
+            self.tapped.append(Tapped(name, tensor, False))
+            return tensor
+        handle = self._make_handle(tensor)
+        self.tapped.append(Tapped(name, handle, True, handle))
+        return handle
+
+
+class Reducer(Protocol):
+    """Turns the pass's tensors into what leaves the device.
+
+    Called inside the compiled function. `key` must identify the reduction
+    (it keys the cache of compiled functions).
+    """
+
+    @property
+    def key(self) -> Hashable: ...
+
+    def __call__(
+        self,
+        activations: dict[str, Tensor],
+        gradients: dict[str, Tensor | None],
+        weight_gradients: dict[str, Tensor | None],
+        loss: Tensor,
+    ) -> Any: ...
+
+
+def _loss_key(loss: LossSpec) -> Hashable:
+    return loss if isinstance(loss, str) else ("callable", id(loss))
+
+
+@dataclasses.dataclass(frozen=True)
+class PassConfig:
+    """Everything, besides the data, that fixes a compiled pass."""
+
+    loss: LossSpec
+    training: bool
+    weight_gradients: bool
+    reducer: Reducer
+
+    @property
+    def key(self) -> Hashable:
+        return (
+            _loss_key(self.loss),
+            self.training,
+            self.weight_gradients,
+            self.reducer.key,
+        )
+
+
+class Adapter(Protocol):
+    """What a backend provides to the engine."""
+
+    # The backend's moments (a `Moments` subclass with native ops, or
+    # `Moments` itself).
+    moments: type[Moments]
+
+    def compile(
+        self,
+        model: keras.Model,
+        loss_fn: LossFn,
+        config: PassConfig,
+        on_trace: Callable[[list[Tapped]], None],
+    ) -> Callable[[Any, Any, Any], Any]:
+        """Returns `run(x, y, sample_weight) -> reducer output`.
+
+        `on_trace(tapped)` is called whenever the pass is traced (once per
+        new input signature), with the taps it recorded, in forward order.
+        """
+        ...
+
+    def to_numpy(self, value: Any) -> np.ndarray: ...
+
+
+def probe_scope(model: keras.Model) -> keras.StatelessScope:
+    """The scope a pass runs in (enter it inside the traced function).
+
+    It collects `add_loss` losses and drops every state update. Keras reads a
+    regularized weight from the scope's state mapping when it computes
+    regularization losses in a stateless scope, so those weights are mapped
+    to their current values (without this, `compute_loss` fails on models
+    with a `kernel_regularizer`).
+    """
+    regularized = [
+        (variable, variable)
+        for variable in model.trainable_weights
+        if variable.regularizer is not None
+    ]
+    return keras.StatelessScope(state_mapping=regularized, collect_losses=True)
+
+
+def forward(
+    model: keras.Model, x: Any, training: bool, tap: Callable[[Any, Any], Any]
+) -> Any:
+    """The model's forward pass with its taps recorded (call inside a scope)."""
+    with tapping(tap):
+        return model(x, training=training)
+
+
+# Mixed precision: the loss scale of a pass with float16 taps.
+DEFAULT_LOSS_SCALE = 2.0**15
+SCALE_DIVISOR = 16.0
+
+
+def loss_scale(model: keras.Model) -> float:
+    """The loss scale of a float16 pass: the optimizer's, if it has one.
+
+    Every adapter scales the backward pass of a pass with float16 taps by
+    this (see `loss_scaled`).
+    """
+    optimizer = getattr(model, "optimizer", None)
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        if optimizer.built:
+            return float(keras.ops.convert_to_numpy(optimizer.dynamic_scale))
+        return float(optimizer.initial_scale)
+    return DEFAULT_LOSS_SCALE
+
+
+def to_float32(gradient: Tensor | None) -> Tensor | None:
+    """Gradients of float16 and bfloat16 tensors are cast to float32."""
+    if gradient is None:
+        return None
+    if keras.backend.standardize_dtype(gradient.dtype) in ("float16", "bfloat16"):
+        return keras.ops.cast(gradient, "float32")
+    return gradient
+
+
+def loss_scaled(
+    compute: Callable[[Tensor], list[Tensor]],
+    scale: Tensor,
+    first: list[Tensor] | None = None,
+) -> list[Tensor]:
+    """Loss-scaled gradients, unscaled in float32, with the scale backed off.
+
+    `compute(scale)` returns the float32 gradients of the loss with the
+    backward pass seeded with `scale` (no `None`). While they overflow (a
+    non-finite entry) and the scale is above 1, the scale is divided by
+    `SCALE_DIVISOR`, as `keras.optimizers.LossScaleOptimizer` does; a
+    gradient still non-finite at scale 1 is non-finite in truth and is
+    returned as is. `first`, if given, is `compute(scale)` already
+    computed. One compiled loop on every backend (`keras.ops.while_loop`).
+    """
+    ops = keras.ops
+
+    def all_finite(grads: list[Tensor]) -> Tensor:
+        return ops.all(ops.stack([ops.all(ops.isfinite(g)) for g in grads]))
+
+    def overflowing(current: Tensor, grads: list[Tensor]) -> Tensor:
+        return ops.logical_and(current > 1.0, ops.logical_not(all_finite(grads)))
+
+    def smaller(current: Tensor, grads: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        current = ops.maximum(current / SCALE_DIVISOR, 1.0)
+        return current, compute(current)
+
+    scale = ops.convert_to_tensor(scale, "float32")
+    if first is None:
+        first = compute(scale)
+    if not first:
+        return first
+    final, grads = ops.while_loop(overflowing, smaller, (scale, first))
+    return [g / final for g in grads]

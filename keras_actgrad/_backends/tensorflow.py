@@ -1,0 +1,175 @@
+"""The TensorFlow adapter: the only module of the engine that imports TensorFlow.
+
+A probe output is made differentiable by passing it through `tf.identity`
+and watching the result on a `tf.GradientTape`: the tape's gradient with
+respect to that tensor is the sum over its consumers, which are exactly the
+layers downstream of the probe. Consumers of the probe's *input* (skip
+branches, the previous layer's activity regularizer) are not counted.
+
+Mixed precision: when a probe sees a float16 tensor, the backward pass is
+loss-scaled, as `keras.optimizers.LossScaleOptimizer` does for training, so
+small gradients do not underflow to zero in float16. The scale is the model
+optimizer's current loss scale if it is a `LossScaleOptimizer`, else
+`DEFAULT_LOSS_SCALE`; if the scaled gradients overflow, the scale is divided
+by 16 until they are finite (down to 1). Gradients are unscaled in float32,
+and gradients of float16 and bfloat16 tensors are returned as float32.
+
+Distribution: the probe pass runs the whole probe batch as one computation
+on the worker's default device, outside the replicas, reading the mirrored
+weights (identical on every replica). Inside a `strategy.scope()` Keras
+divides mean losses by the number of replicas (each replica's share of a
+global batch), which would divide the gradients too; there the pass runs in a
+helper thread, where no strategy is in scope.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_actgrad._backends.base import (
+    LossFn,
+    PassConfig,
+    Tapped,
+    TapRecorder,
+    forward,
+    loss_scale,
+    loss_scaled,
+    probe_scope,
+    to_float32,
+)
+from keras_actgrad._statistics.moments import Moments
+from keras_actgrad._statistics.moments_tensorflow import TensorFlowMoments
+
+
+def _is_float(tensor: Any) -> bool:
+    return bool(getattr(tensor, "dtype", None) is not None and tensor.dtype.is_floating)
+
+
+def _is_float16(tapped: Tapped) -> bool:
+    return tapped.differentiable and tapped.activation.dtype == tf.float16
+
+
+def _dense(gradient: Any) -> Any:
+    if isinstance(gradient, tf.IndexedSlices):
+        return tf.convert_to_tensor(gradient)
+    return gradient
+
+
+def tape_gradients(
+    tape: tf.GradientTape, loss: Any, targets: list[Any], scale: Any = None
+) -> list[Any]:
+    """d loss / d targets in float32 (`None` where not connected).
+
+    With `scale`, the backward pass is loss-scaled (see
+    `base.loss_scaled`); `tape` must then be persistent, as an overflow
+    recomputes the gradients with a smaller scale.
+    """
+    found = [
+        to_float32(_dense(g))
+        for g in tape.gradient(
+            loss,
+            targets,
+            output_gradients=scale,
+            unconnected_gradients=tf.UnconnectedGradients.NONE,
+        )
+    ]
+    if scale is None:
+        return found
+    present = [i for i, g in enumerate(found) if g is not None]
+    kept = [targets[i] for i in present]
+
+    def compute(current: Any) -> list[Any]:
+        grads = tape.gradient(
+            loss,
+            kept,
+            output_gradients=current,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
+        return [to_float32(_dense(g)) for g in grads]
+
+    unscaled = loss_scaled(compute, scale, [found[i] for i in present])
+    result: list[Any] = list(found)
+    for i, g in zip(present, unscaled, strict=True):
+        result[i] = g
+    return result
+
+
+class TensorFlowAdapter:
+    """Builds the pass as one `tf.function`."""
+
+    moments: type[Moments] = TensorFlowMoments
+
+    def compile(
+        self,
+        model: keras.Model,
+        loss_fn: LossFn,
+        config: PassConfig,
+        on_trace: Callable[[list[Tapped]], None],
+    ) -> Callable[[Any, Any, Any], Any]:
+        def step(x: Any, y: Any, sample_weight: Any, scale: Any) -> Any:
+            def watched(tensor: Any) -> Any:
+                output = tf.identity(tensor)
+                tape.watch(output)
+                return output
+
+            recorder = TapRecorder(_is_float, watched)
+            tapped = recorder.tapped
+            with tf.GradientTape(
+                watch_accessed_variables=config.weight_gradients, persistent=True
+            ) as tape:
+                with probe_scope(model):
+                    y_pred = forward(model, x, config.training, recorder.tap)
+                    loss = tf.cast(loss_fn(x, y, y_pred, sample_weight), tf.float32)
+            on_trace(tapped)
+            handles = [t.handle for t in tapped if t.differentiable]
+            variables = (
+                list(model.trainable_variables) if config.weight_gradients else []
+            )
+            float16 = any(_is_float16(t) for t in tapped)
+            grads = tape_gradients(
+                tape, loss, handles + variables, scale if float16 else None
+            )
+            probe_grads = iter(grads[: len(handles)])
+            gradients = {
+                t.name: next(probe_grads) if t.differentiable else None for t in tapped
+            }
+            activations = {t.name: t.activation for t in tapped}
+            weight_gradients = {
+                v.path: g for v, g in zip(variables, grads[len(handles) :], strict=True)
+            }
+            # The reductions start once the backward pass is done: run
+            # between its matrix products, they compete for the cores and
+            # the cache (a few percent slower, measured).
+            done = [g for g in grads if g is not None] + [loss]
+            with tf.control_dependencies(done):
+                return config.reducer(activations, gradients, weight_gradients, loss)
+
+        function = tf.function(step)
+
+        def run(x: Any, y: Any, sample_weight: Any) -> Any:
+            scale = tf.constant(loss_scale(model), tf.float32)
+            if not tf.distribute.has_strategy():
+                return function(x, y, sample_weight, scale)
+            if not tf.distribute.in_cross_replica_context():
+                raise RuntimeError(
+                    "The probe pass cannot run inside `strategy.run` (a replica "
+                    "context): it runs the whole probe batch once, outside the "
+                    "replicas. Call it from the Python loop, outside "
+                    "`strategy.run`. Received: a call in the replica context of "
+                    f"{type(tf.distribute.get_strategy()).__name__}."
+                )
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                return pool.submit(function, x, y, sample_weight, scale).result()
+
+        return run
+
+    def to_numpy(self, value: Any) -> np.ndarray:
+        if hasattr(value, "numpy"):
+            return np.asarray(value.numpy())
+        return np.asarray(value)

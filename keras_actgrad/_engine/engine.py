@@ -1,0 +1,309 @@
+"""The engine: one compiled forward and backward pass over a batch.
+
+It checks the model and the batch, resolves the loss, caches one compiled
+pass per model and configuration (built by the backend's adapter), and
+returns a complete `PassResult`: the reducer's output as NumPy and the taps
+the pass reached, in forward order.
+
+Every pass runs inside a `keras.StatelessScope`: variable assignments made
+during it (BatchNormalization moving statistics, seed-generator state,
+metric and loss trackers) are collected by the scope and dropped, so a pass
+never changes the model, whatever `training` is.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import warnings
+import weakref
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import keras
+import numpy as np
+
+from keras_actgrad._backends import get_adapter
+from keras_actgrad._backends.base import Adapter, LossSpec, PassConfig, Tapped
+from keras_actgrad._engine.inputs import (
+    _declared_outputs,
+    check_batch_sizes,
+    check_inputs,
+    check_labels,
+    describe,
+    standardize,
+)
+from keras_actgrad._engine.losses import needs_labels, resolve_loss
+from keras_actgrad._probe import GradientProbe, find_probes
+
+# Compiled passes kept per model (least recently used dropped).
+MAX_COMPILED_FUNCTIONS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """A batch checked against its model and converted as `fit` converts it.
+
+    Made by `ProbeEngine.prepare`; numeric arrays are device tensors, so a
+    batch used at every event moves to the device once.
+    """
+
+    x: Any
+    y: Any
+    sample_weight: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class PassResult:
+    """What one pass returns: the reduction and the taps it reached.
+
+    Attributes:
+        outputs: The reducer's output, with every backend tensor turned
+            into a NumPy array (`None` stays `None`).
+        reached: Tap names in the order the forward pass reached them
+            (`name@1`, ... for repeated visits).
+        unreached: The model's taps the pass did not reach.
+        differentiable: For each reached tap, whether its tensor is
+            floating point (else it has no gradient).
+        weight_paths: Paths of the trainable variables whose gradients the
+            pass took (empty unless `weight_gradients`), without repeats.
+    """
+
+    outputs: Any
+    reached: list[str]
+    unreached: list[str]
+    differentiable: dict[str, bool]
+    weight_paths: list[str]
+
+    @property
+    def order(self) -> list[str]:
+        """Every tap: the reached ones in forward order, then the others."""
+        return self.reached + self.unreached
+
+
+def check_model(model: keras.Model, loss: LossSpec, y: Any) -> list[GradientProbe]:
+    """Checks what a pass needs of the model; returns its probes."""
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            "Expected a `keras.Model`. "
+            f"Received: model={model!r} of type {type(model).__name__}."
+        )
+    if not model.built:
+        raise ValueError(
+            f"Model '{model.name}' has not been built yet, so it has no weights "
+            "to probe. Build it first: give it an input shape "
+            "(`keras.Input(...)`), call it on a batch, or call `model.build(...)`. "
+            f"Received: model '{model.name}' with built=False."
+        )
+    probes = find_probes(model)
+    if not probes:
+        raise ValueError(
+            f"No `GradientProbe` found in model '{model.name}'. Add probes with "
+            "`model = keras_actgrad.insert_probes(model)` or place "
+            "`keras_actgrad.GradientProbe()` layers yourself. Received: model "
+            f"with {len(model.layers)} layers, 0 probes."
+        )
+    names = [probe.name for probe in probes]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(
+            f"Model '{model.name}' has several probes named {duplicates}; results "
+            "and log keys are keyed by probe name, so names must be unique. "
+            "Rename them (`GradientProbe(name=...)`). "
+            f"Received: probe names {names}."
+        )
+    if isinstance(loss, str) and loss == "model":
+        if not getattr(model, "compiled", False):
+            raise ValueError(
+                f"`loss='model'` uses the compiled training loss, but model "
+                f"'{model.name}' is not compiled. Call `model.compile(loss=...)` "
+                "first, or pass `loss=` a Keras loss or a callable "
+                "`loss(y_true, y_pred)`, or `loss='sum'`. "
+                "Received: an uncompiled model."
+            )
+        if y is None and getattr(model, "loss", None) is not None:
+            raise ValueError(
+                f"`loss='model'` needs the labels `y` to compute the compiled loss "
+                f"of model '{model.name}'. Pass `y`, or use `loss='sum'` (no "
+                "labels). Received: y=None."
+            )
+    elif needs_labels(loss) and y is None:
+        raise ValueError(
+            f"`loss={loss!r}` compares predictions with labels, so it needs `y`. "
+            "Pass `y`, or use `loss='sum'` or a plain function `loss(y_true, "
+            "y_pred)` that ignores `y_true` (it receives None). Received: y=None."
+        )
+    return probes
+
+
+def _to_device(data: Any) -> Any:
+    """Numeric NumPy leaves become backend tensors (moved to the device once)."""
+
+    def convert(leaf: Any) -> Any:
+        if isinstance(leaf, np.ndarray) and leaf.dtype.kind in "biuf":
+            return keras.ops.convert_to_tensor(leaf)
+        return leaf
+
+    return None if data is None else keras.tree.map_structure(convert, data)
+
+
+class ProbeEngine:
+    """Compiled passes of one model, cached per configuration.
+
+    Backend frameworks retrace a compiled function once per new input
+    signature; `trace_count` counts those traces (useful to check reuse).
+    """
+
+    def __init__(self, model: keras.Model) -> None:
+        self._model_ref = weakref.ref(model)
+        self._adapter = get_adapter()
+        self._functions: collections.OrderedDict[
+            Hashable, Callable[[Any, Any, Any], Any]
+        ] = collections.OrderedDict()
+        self.trace_count = 0
+        # Per configuration: the taps its last trace reached, and which of
+        # them are differentiable.
+        self._traced: dict[Hashable, tuple[list[str], dict[str, bool]]] = {}
+        self._warned: set[str] = set()
+
+    @property
+    def model(self) -> keras.Model:
+        model = self._model_ref()
+        if model is None:  # pragma: no cover - engines die with their model
+            raise RuntimeError("The model of this probe engine was deleted.")
+        return model
+
+    def _on_trace(self, key: Hashable, tapped: list[Tapped]) -> None:
+        self.trace_count += 1
+        self._traced[key] = (
+            [t.name for t in tapped],
+            {t.name: t.differentiable for t in tapped},
+        )
+
+    def function(self, config: PassConfig) -> Callable[[Any, Any, Any], Any]:
+        key = config.key
+        function = self._functions.get(key)
+        if function is not None:
+            self._functions.move_to_end(key)
+        else:
+            loss_fn = resolve_loss(self.model, config.loss, config.training)
+
+            def on_trace(tapped: list[Tapped]) -> None:
+                self._on_trace(key, tapped)
+
+            function = self._adapter.compile(self.model, loss_fn, config, on_trace)
+            self._functions[key] = function
+            # A new loss object per call (e.g. a new lambda) compiles a new
+            # function: keep only the most recently used ones.
+            while len(self._functions) > MAX_COMPILED_FUNCTIONS:
+                self._functions.popitem(last=False)
+        return function
+
+    def prepare(
+        self, x: Any, y: Any = None, sample_weight: Any = None, loss: LossSpec = "model"
+    ) -> Batch:
+        """Checks a batch against the model and moves it to the device."""
+        x, y, sample_weight = standardize(x), standardize(y), standardize(sample_weight)
+        check_inputs(self.model, x)
+        check_batch_sizes(x, y, sample_weight)
+        check_labels(y, sample_weight, loss)
+        return Batch(_to_device(x), _to_device(y), _to_device(sample_weight))
+
+    def run(self, batch: Batch, config: PassConfig) -> PassResult:
+        """Runs one pass over a prepared batch."""
+        model = self.model
+        probes = check_model(model, config.loss, batch.y)
+        function = self.function(config)
+        try:
+            output = function(batch.x, batch.y, batch.sample_weight)
+        except (ValueError, TypeError, RuntimeError) as error:
+            # A failed trace never reaches `on_trace`, so `trace_count` cannot
+            # tell a trace-time error from a run-time one: wrap them all.
+            # PyTorch reports shape mismatches as RuntimeError.
+            if isinstance(error, RuntimeError) and keras.backend.backend() != "torch":
+                raise
+            outputs = _declared_outputs(model)
+            raise ValueError(
+                f"The probe pass of model '{model.name}' failed: {error}\n"
+                "Check that `x` and `y` are shaped as `fit` takes them for this "
+                "model and that the loss fits its outputs"
+                + ("" if outputs is None else f" (output shapes: {outputs})")
+                + ". "
+                f"Received: x={describe(batch.x)}, y={describe(batch.y)}, "
+                f"sample_weight={describe(batch.sample_weight)}, "
+                f"loss={config.loss!r}."
+            ) from error
+        # The taps a pass reaches can depend on the configuration (a
+        # subclassed model's `call` may branch on `training`), so they are
+        # those of this configuration's trace.
+        reached, differentiable = self._traced.get(config.key, ([], {}))
+        unreached = [p.name for p in probes if p.name not in set(reached)]
+        self._warn_about_probes(model, unreached, differentiable)
+        weight_paths = (
+            list(dict.fromkeys(v.path for v in model.trainable_variables))
+            if config.weight_gradients
+            else []
+        )
+        return PassResult(
+            outputs=self._to_numpy(output),
+            reached=list(reached),
+            unreached=unreached,
+            differentiable=dict(differentiable),
+            weight_paths=weight_paths,
+        )
+
+    def _to_numpy(self, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, dict):
+            return {key: self._to_numpy(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._to_numpy(item) for item in value)
+        return self._adapter.to_numpy(value)
+
+    def _warn_about_probes(
+        self, model: keras.Model, unreached: list[str], differentiable: dict[str, bool]
+    ) -> None:
+        for name in unreached:
+            if name not in self._warned:
+                self._warned.add(name)
+                warnings.warn(
+                    f"GradientProbe '{name}' of model '{model.name}' was not "
+                    "reached by the forward pass, so it has no activation or "
+                    "gradient. Check that it is called in the model's forward "
+                    "computation.",
+                    stacklevel=4,
+                )
+        for name, ok in differentiable.items():
+            if not ok and name not in self._warned:
+                self._warned.add(name)
+                warnings.warn(
+                    f"GradientProbe '{name}' of model '{model.name}' sees a tensor "
+                    "that is not floating point (e.g. token ids), so the loss has "
+                    "no gradient with respect to it; its gradient is reported as "
+                    "None. Move the probe after a floating-point layer (e.g. after "
+                    "the Embedding).",
+                    stacklevel=4,
+                )
+
+
+_ENGINE_ATTRIBUTE = "_keras_actgrad_engine"
+
+
+def get_engine(model: keras.Model) -> ProbeEngine:
+    """Returns the model's probe engine, creating it on first use.
+
+    The engine lives on the model (a plain attribute, untracked by Keras):
+    its compiled functions reference the model, so a global cache keyed by
+    the model would keep every probed model alive; on the model, the two
+    form a cycle the garbage collector frees with the model.
+    """
+    engine = model.__dict__.get(_ENGINE_ATTRIBUTE)
+    # (A copied model may carry its original's engine: never reuse that.)
+    if not isinstance(engine, ProbeEngine) or engine._model_ref() is not model:
+        engine = ProbeEngine(model)
+        object.__setattr__(model, _ENGINE_ATTRIBUTE, engine)
+    return engine
+
+
+__all__ = ["Adapter", "Batch", "PassResult", "ProbeEngine", "check_model", "get_engine"]

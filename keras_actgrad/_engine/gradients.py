@@ -1,0 +1,127 @@
+"""`activation_gradients`: every tap's activation and gradient, whole."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Hashable
+from typing import Any
+
+import keras
+import numpy as np
+
+from keras_actgrad._backends.base import LossSpec, PassConfig, Tensor
+from keras_actgrad._engine.engine import get_engine
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationGradient:
+    """A probe's activation and the gradient of the loss with respect to it.
+
+    Attributes:
+        activation: NumPy array, the probe's output on the batch, or `None`
+            if the forward pass never reached the probe.
+        gradient: NumPy array of the same shape, d loss / d activation as it
+            flows back through the probe, or `None` where the probe is not
+            connected to the loss (or its tensor is not floating point).
+    """
+
+    activation: np.ndarray | None
+    gradient: np.ndarray | None
+
+
+class Unreduced:
+    """The reducer that keeps the pass's tensors whole (nothing is reduced)."""
+
+    key: Hashable = "unreduced"
+
+    def __call__(
+        self,
+        activations: dict[str, Tensor],
+        gradients: dict[str, Tensor | None],
+        weight_gradients: dict[str, Tensor | None],
+        loss: Tensor,
+    ) -> Any:
+        return {
+            "activations": activations,
+            "gradients": gradients,
+            "weight_gradients": weight_gradients,
+            "loss": loss,
+        }
+
+
+def _half_to_float32(array: np.ndarray) -> np.ndarray:
+    """Gradients of float16 / bfloat16 probes are returned as float32."""
+    if array.dtype.itemsize == 2 and array.dtype.kind in "fV":
+        return array.astype(np.float32)
+    return array
+
+
+def activation_gradients(
+    model: keras.Model,
+    x: Any,
+    y: Any = None,
+    *,
+    loss: LossSpec = "model",
+    sample_weight: Any = None,
+    training: bool = False,
+) -> dict[str, ActivationGradient]:
+    """Every probe's activation and the gradient of the loss with respect to it.
+
+    One forward and one backward pass over the batch, compiled once per input
+    signature and reused. The gradient at a probe is d loss / d (probe
+    output): what flows back through the probe, as a backward hook on it
+    would see. Nothing about the model changes: no weight, BatchNormalization
+    statistic, optimizer slot or random-generator state moves.
+
+    Args:
+        model: A built Keras model with `GradientProbe` layers.
+        x: Inputs, as `fit` takes them: an array, a list or a dict of arrays.
+        y: Labels, as `fit` takes them. Needed unless `loss="sum"` or `loss`
+            is a plain function that ignores `y_true` (it then gets `None`).
+        loss: `"model"` (the compiled training loss, regularization
+            included), `"sum"` (the sum of all model outputs, no labels), a
+            Keras loss name, or a callable `loss(y_true, y_pred) -> scalar`
+            (any Keras loss object or function). Defaults to `"model"`.
+        sample_weight: Optional per-example weights for the loss.
+        training: Whether layers run in training mode (Dropout on,
+            BatchNormalization on batch statistics). State updates are
+            discarded either way. Defaults to `False`.
+
+    Returns:
+        A dict from probe name to `ActivationGradient`, in the order the
+        forward pass reaches the probes (probes it never reaches last, with
+        `None` fields).
+
+    Raises:
+        ValueError: for a model without probes, an unbuilt or uncompiled
+            model (with `loss="model"`), missing labels, inputs of the wrong
+            shape, an empty batch, or an unknown loss.
+
+    Example:
+
+    ```python
+    results = keras_actgrad.activation_gradients(model, x, y)
+    for name, result in results.items():
+        print(name, np.linalg.norm(result.gradient))
+    ```
+    """
+    engine = get_engine(model)
+    config = PassConfig(
+        loss=loss,
+        training=bool(training),
+        weight_gradients=False,
+        reducer=Unreduced(),
+    )
+    result = engine.run(engine.prepare(x, y, sample_weight, loss), config)
+    activations = result.outputs["activations"]
+    gradients = result.outputs["gradients"]
+    results: dict[str, ActivationGradient] = {}
+    for name in result.reached:
+        gradient = gradients.get(name)
+        results[name] = ActivationGradient(
+            activation=activations[name],
+            gradient=None if gradient is None else _half_to_float32(gradient),
+        )
+    for name in result.unreached:
+        results[name] = ActivationGradient(activation=None, gradient=None)
+    return results

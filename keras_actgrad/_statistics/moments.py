@@ -1,0 +1,256 @@
+"""The moments of a tapped tensor, reduced on the device in float32.
+
+The device reduces each tap's activation and gradient to a few *moments*:
+sums, maxima and counts over the whole tensor (e.g. the sum of squares of
+the gradient, the number of its nonzero entries), and optionally histogram
+counts. Every statistic is a closed form of these scalars, evaluated on the
+host (`statistics.py`). So the device does only the passes over the
+tensors, each once.
+
+`Moments` is written with `keras.ops` (every backend runs it); the
+TensorFlow and PyTorch subclasses in `moments_tensorflow.py` and
+`moments_torch.py` compute the same moments with native ops.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import keras
+
+Tensor = Any
+
+
+def float32(x: Tensor) -> Tensor:
+    return keras.ops.cast(x, "float32")
+
+
+def nan() -> Tensor:
+    return keras.ops.convert_to_tensor(float("nan"), "float32")
+
+
+def _static(shape: Sequence[int | None]) -> bool:
+    return all(isinstance(d, int) for d in shape)
+
+
+class Moments:
+    """Lazily computed moments of one tapped tensor (each reduction done once).
+
+    Written with `keras.ops`, so every backend can run it (JAX does). A
+    backend may have a subclass with native ops where they are faster
+    (`moments_tensorflow.py`, `moments_torch.py`; the backend dispatcher
+    chooses): the same moments, in fewer passes over the tensors
+    (TensorFlow) or without a Keras op dispatch each, where the pass runs
+    eagerly (PyTorch).
+    """
+
+    def __init__(self, activation: Tensor, gradient: Tensor | None) -> None:
+        self.a = float32(activation)
+        self.g = None if gradient is None else float32(gradient)
+        self._cache: dict[str, Tensor] = {}
+
+    def _get(self, name: str, compute: Callable[[], Tensor]) -> Tensor:
+        if name not in self._cache:
+            self._cache[name] = compute()
+        return self._cache[name]
+
+    # Gradient moments.
+
+    def _sample_norms(self) -> Tensor:
+        """The L2 norm of each example's gradient (`[batch]`)."""
+
+        def compute() -> Tensor:
+            ops = keras.ops
+            g: Tensor = self.g
+            rank = len(g.shape)
+            if rank == 0:
+                return ops.reshape(ops.abs(g), (1,))
+            if rank == 1:
+                return ops.abs(g)
+            if _static(g.shape[1:]):
+                rows = ops.reshape(g, (-1, math.prod(g.shape[1:])))
+                return ops.norm(rows, axis=1)
+            return ops.sqrt(ops.sum(ops.square(g), axis=tuple(range(1, rank))))
+
+        return self._get("_sample_norms", compute)
+
+    def _abs_g(self) -> Tensor:
+        return self._get("_abs_g", lambda: keras.ops.abs(self.g))
+
+    def g_sum_sq(self) -> Tensor:
+        return self._get(
+            "g_sum_sq", lambda: keras.ops.sum(keras.ops.square(self._sample_norms()))
+        )
+
+    def grad_finite(self) -> Tensor:
+        """True when every gradient entry is finite (one scalar test).
+
+        A sum of squares is finite only if every entry is (it can also
+        overflow for entries above ~1e19, which only costs the slow path).
+        """
+        return self._get("_g_finite", lambda: keras.ops.isfinite(self.g_sum_sq()))
+
+    def act_finite(self) -> Tensor:
+        return self._get("_a_finite", lambda: keras.ops.isfinite(self.a_mean()))
+
+    def moment(self, name: str) -> Tensor:
+        if name.startswith("g_") and self.g is None:
+            return nan()
+        return self._get(name, getattr(self, name))
+
+    def g_size(self) -> Tensor:
+        return float32(keras.ops.size(self.g))
+
+    def g_sum(self) -> Tensor:
+        return keras.ops.sum(self.g)
+
+    def g_abs_sum(self) -> Tensor:
+        return keras.ops.sum(self._abs_g())
+
+    def g_abs_max(self) -> Tensor:
+        # NaN if any entry is NaN, as NumPy's `max` (XLA's max may skip NaN).
+        ops = keras.ops
+        largest = ops.max(self._abs_g())
+        return ops.cond(
+            self.grad_finite(),
+            lambda: largest,
+            lambda: ops.where(ops.any(ops.isnan(self.g)), nan(), largest),
+        )
+
+    def g_nonzero(self) -> Tensor:
+        # NaN counts as nonzero, as `g != 0` says.
+        return keras.ops.sum(float32(keras.ops.not_equal(self.g, 0.0)))
+
+    def g_sample_norm_mean(self) -> Tensor:
+        return keras.ops.mean(self._sample_norms())
+
+    def g_sample_norm_max(self) -> Tensor:
+        return keras.ops.max(self._sample_norms())
+
+    def g_nonfinite(self) -> Tensor:
+        ops = keras.ops
+        g = self.g
+        return ops.cond(
+            self.grad_finite(),
+            lambda: ops.zeros((), "float32"),
+            lambda: ops.sum(float32(ops.logical_not(ops.isfinite(g)))),
+        )
+
+    # Activation moments.
+
+    def a_mean(self) -> Tensor:
+        return self._get("a_mean", lambda: keras.ops.mean(self.a))
+
+    def a_size(self) -> Tensor:
+        return float32(keras.ops.size(self.a))
+
+    def a_std(self) -> Tensor:
+        # The corrected two-pass algorithm (mean, then the centred moments):
+        # activations often have a mean far from 0 relative to their spread
+        # (e.g. sigmoid outputs), where E[a^2] - E[a]^2 would cancel. The
+        # mean of the centred values removes the rounding error of the first
+        # mean (Chan, Golub & LeVeque, 1983).
+        ops = keras.ops
+        centred = ops.reshape(self.a - self.a_mean(), (-1,))
+        size = self.a_size()
+        variance = ops.square(ops.norm(centred)) / size
+        variance -= ops.square(ops.sum(centred) / size)
+        return ops.sqrt(ops.maximum(variance, 0.0))
+
+    def _unit_counts(self) -> Tensor:
+        """The number of nonzero entries of each unit (index of the last axis).
+
+        Without a last axis, the whole tensor is one unit. NaN is nonzero.
+        """
+
+        def compute() -> Tensor:
+            ops = keras.ops
+            nonzero = float32(ops.not_equal(self.a, 0.0))
+            rank = len(nonzero.shape)
+            if rank <= 1:
+                return ops.reshape(ops.sum(nonzero), (1,))
+            return ops.sum(nonzero, axis=tuple(range(rank - 1)))
+
+        return self._get("_unit_counts", compute)
+
+    def a_nonzero(self) -> Tensor:
+        return keras.ops.sum(self._unit_counts())
+
+    def a_dead(self) -> Tensor:
+        return keras.ops.sum(float32(keras.ops.equal(self._unit_counts(), 0.0)))
+
+    def a_units(self) -> Tensor:
+        return float32(keras.ops.size(self._unit_counts()))
+
+    def histogram(self, which: str, bins: int) -> Tensor:
+        """The histogram (see `histogram`) of the activation (`"a"`) or gradient."""
+        if which == "a":
+            return histogram(self.a, bins, self.act_finite())
+        return histogram(self.g, bins, self.grad_finite())
+
+    def row(self, moments: Sequence[str]) -> Tensor:
+        """The given moments as one float32 vector."""
+        return keras.ops.stack([float32(self.moment(m)) for m in moments])
+
+
+def _count(index: Tensor, weights: Tensor | None, bins: int) -> Tensor:
+    """Counts of `index` values in `[0, bins]`, the last folded into `bins - 1`.
+
+    Index `bins` holds the entries equal to the maximum (the last bin is
+    closed); folding it on the small count vector saves a clamping pass over
+    the data. Returns float32 counts of shape `[bins]`.
+    """
+    ops = keras.ops
+    if keras.backend.backend() == "jax":
+        # jnp.bincount needs a static length; segment_sum has one.
+        data = ops.ones_like(index, "float32") if weights is None else weights
+        counts = ops.segment_sum(data, index, num_segments=bins + 1)
+    else:
+        # TensorFlow and torch: bincount is several times faster than their
+        # segment sums on CPU. `index <= bins`: the length is `bins + 1`.
+        counts = ops.bincount(index, weights=weights, minlength=bins + 1)
+        counts = ops.reshape(float32(counts), (bins + 1,))
+    return ops.concatenate(
+        [counts[: bins - 1], ops.reshape(counts[bins - 1] + counts[bins], (1,))]
+    )
+
+
+def histogram(x: Tensor, bins: int, finite: Tensor | None = None) -> Tensor:
+    """`[low, high, count_1, ..., count_bins]` of the finite entries of `x`.
+
+    `bins` equal-width bins over `[low, high]` = the range of the finite
+    entries; the last bin is closed on both sides. When every finite entry
+    has the same value, all of them are counted in the first bin (the writer
+    lays that case out as TensorBoard does). Without finite entries, `low` is
+    +inf, `high` is -inf and all counts are 0. `finite`, a scalar boolean
+    that is True only if every entry is finite, selects a faster path.
+    """
+    ops = keras.ops
+    flat = ops.reshape(float32(x), (-1,))
+
+    def bucket(values: Tensor, low: Tensor, high: Tensor) -> Tensor:
+        width = high - low
+        scale = ops.where(width > 0, bins / ops.where(width > 0, width, 1.0), 0.0)
+        # values >= low, so truncation is floor; the index is in [0, bins],
+        # `bins` only for the maximum (see `_count`).
+        return ops.cast((values - low) * scale, "int32")
+
+    def all_finite() -> Tensor:
+        low, high = ops.min(flat), ops.max(flat)
+        counts = _count(bucket(flat, low, high), None, bins)
+        return ops.concatenate([ops.stack([low, high]), counts])
+
+    def some_nonfinite() -> Tensor:
+        mask = ops.isfinite(flat)
+        low = ops.min(ops.where(mask, flat, float("inf")))
+        high = ops.max(ops.where(mask, flat, float("-inf")))
+        safe_low = ops.where(ops.isfinite(low), low, 0.0)
+        index = bucket(ops.where(mask, flat, safe_low), safe_low, high)
+        counts = _count(index, float32(mask), bins)
+        return ops.concatenate([ops.stack([low, high]), counts])
+
+    if finite is None:
+        finite = ops.isfinite(ops.sum(flat))
+    return ops.cond(finite, all_finite, some_nonfinite)

@@ -1,0 +1,256 @@
+"""Per-tap statistics: their names, the reducer, their closed forms.
+
+The statistic names are the public vocabulary of the logs (the keys are
+built in `_tags.py`).
+
+`StatisticsReducer` runs inside the engine's compiled pass, so the
+reductions run with the forward and backward pass and only a single float32
+vector leaves the device: the moments of every tap (`moments.py`),
+optional histogram counts, optional weight-gradient norms. `unpack` turns
+the moments into the statistics on the host. The moments class is the
+backend's (`keras_actgrad._backends.moments_class`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+
+from keras_actgrad._backends import moments_class
+from keras_actgrad._statistics.moments import nan
+
+Tensor = Any
+
+STATISTICS: tuple[str, ...] = (
+    "grad_norm",
+    "grad_mean_abs",
+    "grad_std",
+    "grad_max_abs",
+    "grad_zero_fraction",
+    "act_mean",
+    "act_std",
+    "act_zero_fraction",
+    "dead_unit_fraction",
+    "sample_grad_norm_mean",
+    "sample_grad_norm_max",
+    "nonfinite",
+)
+
+# Statistics that describe the gradient (NaN where a probe has none).
+GRADIENT_STATISTICS = frozenset(
+    name for name in STATISTICS if name.startswith(("grad_", "sample_grad_"))
+) | {"nonfinite"}
+
+DEFAULT_BINS = 30
+
+
+def check_statistics(names: Sequence[str] | None, argument: str) -> tuple[str, ...]:
+    """Validates a list of statistic names; `None` means all of them."""
+    if names is None:
+        return STATISTICS
+    if isinstance(names, str):
+        names = (names,)
+    names = tuple(names)
+    unknown = [name for name in names if name not in STATISTICS]
+    if unknown or not names:
+        raise ValueError(
+            f"Unknown statistic name(s) {unknown} in `{argument}`. Accepted "
+            f"names: {list(STATISTICS)}"
+            + (" (or None for all of them)" if argument == "statistics" else "")
+            + f". Received: {argument}={list(names)!r}."
+        )
+    return tuple(dict.fromkeys(names))
+
+
+# Every statistic is a closed form of the moments, evaluated on the host in
+# float64 by `_finish`: the device does no per-statistic scalar arithmetic
+# (which on PyTorch, where the pass runs eagerly, would cost a Keras op
+# dispatch each).
+
+# The moments each statistic needs.
+_NEEDS: dict[str, tuple[str, ...]] = {
+    "grad_norm": ("g_sum_sq",),
+    "grad_mean_abs": ("g_abs_sum", "g_size"),
+    "grad_std": ("g_sum", "g_sum_sq", "g_size"),
+    "grad_max_abs": ("g_abs_max",),
+    "grad_zero_fraction": ("g_nonzero", "g_size"),
+    "act_mean": ("a_mean",),
+    "act_std": ("a_std",),
+    "act_zero_fraction": ("a_nonzero", "a_size"),
+    "dead_unit_fraction": ("a_dead", "a_units"),
+    "sample_grad_norm_mean": ("g_sample_norm_mean",),
+    "sample_grad_norm_max": ("g_sample_norm_max",),
+    "nonfinite": ("g_nonfinite",),
+}
+
+# Every moment, in the order they are laid out in the reducer's vector.
+_MOMENTS: tuple[str, ...] = tuple(
+    dict.fromkeys(moment for needs in _NEEDS.values() for moment in needs)
+)
+
+
+def moments_for(statistics: Sequence[str]) -> tuple[str, ...]:
+    """The moments the given statistics need, in layout order."""
+    needed = {moment for name in statistics for moment in _NEEDS[name]}
+    return tuple(moment for moment in _MOMENTS if moment in needed)
+
+
+def _finish(name: str, m: dict[str, np.float64]) -> float:
+    """A statistic from its moments (host side, float64).
+
+    An empty tensor gives NaN (0 / 0), as NumPy's reductions do.
+    """
+    with np.errstate(all="ignore"):
+        return float(_closed_form(name, m))
+
+
+def _closed_form(name: str, m: dict[str, np.float64]) -> Any:
+    if name == "grad_norm":
+        return np.sqrt(m["g_sum_sq"])
+    if name == "grad_mean_abs":
+        return m["g_abs_sum"] / m["g_size"]
+    if name == "grad_std":
+        # From the moments: gradients have |mean| << std in practice, so the
+        # cancellation in E[g^2] - E[g]^2 costs no precision worth having.
+        mean = m["g_sum"] / m["g_size"]
+        return np.sqrt(np.maximum(m["g_sum_sq"] / m["g_size"] - mean * mean, 0.0))
+    if name == "grad_max_abs":
+        return m["g_abs_max"]
+    if name == "grad_zero_fraction":
+        return 1.0 - m["g_nonzero"] / m["g_size"]
+    if name == "act_zero_fraction":
+        return 1.0 - m["a_nonzero"] / m["a_size"]
+    if name == "dead_unit_fraction":
+        return m["a_dead"] / m["a_units"]
+    key = {
+        "act_mean": "a_mean",
+        "act_std": "a_std",
+        "sample_grad_norm_mean": "g_sample_norm_mean",
+        "sample_grad_norm_max": "g_sample_norm_max",
+        "nonfinite": "g_nonfinite",
+    }[name]
+    return m[key]
+
+
+@dataclasses.dataclass(frozen=True)
+class StatisticsReducer:
+    """Reduces a probe pass to statistics, histograms and weight-gradient norms.
+
+    Called by the engine inside the compiled probe function. Returns one
+    float32 vector: for each probe (sorted by name) its statistics in the
+    order of `statistics`, then, with `bins > 0`, the gradient and the
+    activation histogram (`2 + bins` values each, see `histogram`); then,
+    with `weight_gradients`, the L2 norm of each weight gradient (sorted by
+    variable path). `unpack` turns that vector back into named values.
+    """
+
+    statistics: tuple[str, ...]
+    bins: int = 0
+
+    @property
+    def key(self) -> Hashable:
+        return ("statistics", self.statistics, self.bins)
+
+    @property
+    def moments(self) -> tuple[str, ...]:
+        return moments_for(self.statistics)
+
+    @property
+    def row_size(self) -> int:
+        return len(self.moments) + (2 * (2 + self.bins) if self.bins else 0)
+
+    def __call__(
+        self,
+        activations: dict[str, Tensor],
+        gradients: dict[str, Tensor | None],
+        weight_gradients: dict[str, Tensor | None],
+        loss: Tensor,
+    ) -> Tensor:
+        ops = keras.ops
+        parts = []
+        nan_row = None
+        moments = self.moments
+        probe_class = moments_class()
+        for name in sorted(activations):
+            probe = probe_class(activations[name], gradients.get(name))
+            parts.append(probe.row(moments))
+            if self.bins:
+                if probe.g is None:
+                    if nan_row is None:
+                        nan_row = ops.convert_to_tensor(
+                            [float("inf"), float("-inf")] + [0.0] * self.bins,
+                            "float32",
+                        )
+                    parts.append(nan_row)
+                else:
+                    parts.append(probe.histogram("g", self.bins))
+                parts.append(probe.histogram("a", self.bins))
+        norms = []
+        for path in sorted(weight_gradients):
+            gradient = weight_gradients[path]
+            if gradient is None:
+                norms.append(nan())
+            else:
+                norms.append(
+                    ops.sqrt(ops.sum(ops.square(ops.cast(gradient, "float32"))))
+                )
+        if norms:
+            parts.append(ops.stack(norms))
+        if not parts:
+            return ops.zeros((0,), "float32")
+        return ops.concatenate(parts)
+
+    def unpack(
+        self, vector: np.ndarray, probes: Sequence[str], weight_paths: Sequence[str]
+    ) -> Reduced:
+        """Splits the reducer's output vector into named values (host side)."""
+        names = sorted(probes)
+        rows = len(names) * self.row_size
+        weights = sorted(weight_paths)
+        vector = np.asarray(vector, dtype=np.float32).reshape(-1)
+        if vector.size != rows + len(weights):
+            raise RuntimeError(
+                f"Internal error: the probe pass returned {vector.size} values, "
+                f"expected {rows + len(weights)} for probes {names} and weight "
+                f"gradients {weights}."
+            )
+        statistics: dict[str, dict[str, float]] = {}
+        histograms: dict[str, dict[str, tuple[float, float, np.ndarray]]] = {}
+        moments = self.moments
+        s = len(moments)
+        for i, name in enumerate(names):
+            row = vector[i * self.row_size : (i + 1) * self.row_size]
+            values = {m: np.float64(row[j]) for j, m in enumerate(moments)}
+            statistics[name] = {stat: _finish(stat, values) for stat in self.statistics}
+            if self.bins:
+                width = 2 + self.bins
+                gradient = row[s : s + width]
+                activation = row[s + width : s + 2 * width]
+                histograms[name] = {
+                    "gradient": _unpack_histogram(gradient),
+                    "activation": _unpack_histogram(activation),
+                }
+        norms = {path: float(vector[rows + j]) for j, path in enumerate(weights)}
+        return Reduced(statistics, histograms, norms)
+
+
+def _unpack_histogram(values: np.ndarray) -> tuple[float, float, np.ndarray]:
+    low, high = float(values[0]), float(values[1])
+    counts = np.rint(values[2:]).astype(np.int64)
+    if not math.isfinite(low) or counts.sum() == 0:
+        return float("nan"), float("nan"), np.zeros_like(counts)
+    return low, high, counts
+
+
+@dataclasses.dataclass
+class Reduced:
+    """One probe pass, reduced: what the callback logs and writes."""
+
+    statistics: dict[str, dict[str, float]]
+    histograms: dict[str, dict[str, tuple[float, float, np.ndarray]]]
+    weight_grad_norms: dict[str, float]
