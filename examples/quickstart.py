@@ -86,8 +86,9 @@ def main() -> None:
     )
     accuracy = history.history["val_accuracy"][-1]
     print(f"trained {args.epochs} epochs, validation accuracy {accuracy:.3f}")
-    last = history.history["actgrad/dense_probe/grad_norm"][-1]
-    print(f"logs['actgrad/dense_probe/grad_norm'] at the last epoch: {last:.4g}")
+    # The progress bar's one actgrad value: first probe's grad_norm / last's.
+    last = history.history["actgrad/grad_norm_ratio"][-1]
+    print(f"logs['actgrad/grad_norm_ratio'] at the last epoch: {last:.4g}")
     print()
 
     report = keras_actgrad.load_report(args.log_dir)

@@ -32,7 +32,12 @@ from keras_actgrad._statistics.statistics import (
     StatisticsReducer,
     check_statistics,
 )
-from keras_actgrad._tags import EXPLODING_RATIO, VANISHING_RATIO, log_key
+from keras_actgrad._tags import (
+    EXPLODING_RATIO,
+    RATIO_LOG_KEY,
+    VANISHING_RATIO,
+    log_key,
+)
 
 _ON_NONFINITE = ("warn", "raise", "stop")
 
@@ -83,9 +88,19 @@ class ActivationGradientCallback(keras.callbacks.Callback):
         statistics: Names of the statistics to compute and write to
             TensorBoard and `events` (see the README's statistics table), or
             `None` for all of them. Defaults to `None`.
-        log_statistics: Statistics written to `logs` as
-            `actgrad/<probe>/<statistic>`, a subset of `statistics`.
-            Defaults to `("grad_norm",)`.
+        log_statistics: Statistics also written to `logs` (and so to the
+            progress bar, `History`, `CSVLogger`, `EarlyStopping`) per probe,
+            as `actgrad/<probe>/<statistic>`: a subset of `statistics`, or
+            `None` for none. By default `logs` gets one compact value,
+            `actgrad/grad_norm_ratio` (the first probe's `grad_norm` over the
+            last probe's, the ratio the vanishing / exploding alerts watch;
+            left out for a model with a single probe). On epochs that are not
+            probed (`freq`), every `actgrad` key carries the last measured
+            value (before the first probed epoch: the value of the check pass
+            before training), so that `History` and `CSVLogger` get one row
+            per epoch and the progress bar never shows `nan` for an epoch
+            that was not measured; `callback.history` and `events` hold the
+            probed epochs only. Defaults to `None`.
         histograms: Whether to compute histograms of each probe's gradient
             and activation (on the device, `histogram_bins` bins). Defaults
             to `True`.
@@ -151,7 +166,7 @@ class ActivationGradientCallback(keras.callbacks.Callback):
         freq: FreqSpec = 1,
         loss: LossSpec = "model",
         statistics: Sequence[str] | None = None,
-        log_statistics: Sequence[str] = ("grad_norm",),
+        log_statistics: Sequence[str] | None = None,
         histograms: bool = True,
         on_nonfinite: str = "warn",
         weight_gradients: bool = False,
@@ -178,6 +193,8 @@ class ActivationGradientCallback(keras.callbacks.Callback):
             )
         self.on_nonfinite = on_nonfinite
         self.statistics = check_statistics(statistics, "statistics")
+        if log_statistics is None:
+            log_statistics = ()
         if isinstance(log_statistics, str):
             log_statistics = (log_statistics,)
         log_statistics = tuple(log_statistics)
@@ -263,6 +280,7 @@ class ActivationGradientCallback(keras.callbacks.Callback):
         self._epoch = 0
         self._batch: Batch | None = None
         self._checked_model: keras.Model | None = None
+        self._logs: dict[str, float] = {}  # the last measured `logs` values
         if batch_freq is not None:
             self.on_train_batch_end = self._on_train_batch_end
 
@@ -282,6 +300,7 @@ class ActivationGradientCallback(keras.callbacks.Callback):
             )
             reduced = self._probe()
             self._checked_model = self.model
+            self._logs = self._log_values(reduced)
         if (
             self.log_dir is not None
             and self._writer is None
@@ -329,14 +348,27 @@ class ActivationGradientCallback(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if logs is None:
             logs = {}
-        reduced = None
         if self._scheduled(epoch):
             reduced = self._probe()
             self._record("epoch", epoch, epoch, reduced)
+            self._logs = self._log_values(reduced)
+        logs.update(self._logs)
+
+    def _log_values(self, reduced: Reduced) -> dict[str, float]:
+        """The `logs` entries of one probe pass: the ratio, then per probe."""
+        out: dict[str, float] = {}
+        if len(self.probe_order) > 1:
+            norms = [
+                (probe, reduced.statistics.get(probe, {}).get("grad_norm", math.nan))
+                for probe in self.probe_order
+            ]
+            found = _alerts.first_to_last(norms)
+            out[RATIO_LOG_KEY] = math.nan if found is None else found[-1]
         for probe in self.probe_order:
-            values = {} if reduced is None else reduced.statistics.get(probe, {})
+            values = reduced.statistics.get(probe, {})
             for statistic in self.log_statistics:
-                logs[log_key(probe, statistic)] = values.get(statistic, math.nan)
+                out[log_key(probe, statistic)] = values.get(statistic, math.nan)
+        return out
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         if self._writer is not None:

@@ -2,7 +2,8 @@
 
 `ActivationGradientCallback(log_dir=...)` writes its events into
 `<log_dir>/actgrad/`: one scalar per probe and statistic at every probed
-epoch (tag `actgrad/<probe>/<statistic>`, step = 0-based epoch), and the
+epoch (tag `actgrad.<statistic>/<probe>`, step = 0-based epoch; the tags of
+keras-actgrad 0.1, `actgrad/<probe>/<statistic>`, are read too), and the
 probes' forward order as the text summary `actgrad/probe_order`. This module
 reads them with TensorBoard's own reader and turns them into a table (the
 `keras-actgrad report` command) and a probes x epochs heatmap.
@@ -23,11 +24,10 @@ from keras_actgrad._tags import (
     DEAD_UNIT_FRACTION,
     EVENTS_SUBDIR,
     EXPLODING_RATIO,
-    PREFIXES,
     PROBE_ORDER_TAG,
     THRESHOLDS_TAG,
     VANISHING_RATIO,
-    parse_key,
+    parse_summary_tag,
 )
 
 __all__ = [
@@ -298,6 +298,12 @@ def _read_event_file(
     return scalars, order, thresholds
 
 
+def _kind(tag: str) -> str | None:
+    """The event kind of one of the callback's probe tags, else None."""
+    parsed = parse_summary_tag(tag)
+    return parsed.kind if parsed is not None and parsed.target == "probe" else None
+
+
 def load_report(log_dir: str) -> Report:
     """Reads what `ActivationGradientCallback(log_dir=...)` logged.
 
@@ -342,28 +348,27 @@ def load_report(log_dir: str) -> Report:
     scalars: dict[str, dict[int, float]] = {}
     order: list[str] = []
     thresholds: dict[str, float] = {}
-    epoch_prefix = PREFIXES["epoch"] + "/"
     for file in _event_files(path):
         file_scalars, file_order, file_thresholds = _read_event_file(file)
         steps = [
             step
             for tag, series in file_scalars.items()
-            if tag.startswith(epoch_prefix)
+            if _kind(tag) == "epoch"
             for step in series
         ]
         if steps:
             first = min(steps)
             for tag, series in scalars.items():
-                if tag.startswith(epoch_prefix):
+                if _kind(tag) == "epoch":
                     scalars[tag] = {k: v for k, v in series.items() if k < first}
         for tag, series in file_scalars.items():
-            if tag.startswith(PREFIXES["start"] + "/"):
+            if _kind(tag) == "start":
                 scalars[tag] = series  # the latest run's start event
             else:
                 scalars.setdefault(tag, {}).update(series)
         order = file_order or order
         thresholds = file_thresholds or thresholds
-    if not any(parse_key(tag) for tag in scalars):
+    if not any(parse_summary_tag(tag) for tag in scalars):
         raise ValueError(
             f"No keras-actgrad events in '{log_dir}': the event files in '{path}' "
             "hold no `actgrad/...` scalars. Point the report at the `log_dir` "
@@ -373,13 +378,13 @@ def load_report(log_dir: str) -> Report:
     values: dict[str, dict[str, dict[int, float]]] = {}
     start: dict[str, dict[str, float]] = {}
     for tag, series in scalars.items():
-        parsed = parse_key(tag)
-        if parsed is None or not series:
+        parsed = parse_summary_tag(tag)
+        if parsed is None or parsed.target != "probe" or not series:
             continue
-        prefix, probe, statistic = parsed
-        if prefix == PREFIXES["epoch"]:
+        probe, statistic = parsed.key, parsed.name
+        if parsed.kind == "epoch":
             values.setdefault(statistic, {})[probe] = dict(sorted(series.items()))
-        elif prefix == PREFIXES["start"]:
+        elif parsed.kind == "start":
             start.setdefault(statistic, {})[probe] = series[max(series)]
     if not values:
         raise ValueError(

@@ -1,26 +1,39 @@
 """Every log key, TensorBoard tag and alert threshold: built and parsed here.
 
 The `logs` keys (what `History`, `CSVLogger` and `EarlyStopping` see) are
-`actgrad/<probe>/<statistic>`; weight-gradient keys are
-`actgrad_weights/<variable path>/grad_norm`. The TensorBoard scalar tags
-carry a prefix per event kind (`actgrad` for epoch events, `actgrad_start`,
-`actgrad_batch`); the callback's own event files live in
-`<log_dir>/actgrad/`. Probe names may contain `/` (layer paths), so a key is
-parsed from both ends: the prefix is its first component, the statistic its
-last.
+`actgrad/<probe>/<statistic>` (on request, `log_statistics=`) and the
+summary `actgrad/grad_norm_ratio`; weight-gradient keys are
+`actgrad_weights/<variable path>/grad_norm`. Probe names may contain `/`
+(layer paths), so a key is parsed from both ends: the prefix is its first
+component, the statistic its last.
+
+The TensorBoard tags put the statistic first, `<prefix>.<statistic>/<probe>`
+(`actgrad.grad_norm/dense_probe`), with a prefix per event kind (`actgrad`
+for epoch events, `actgrad_start`, `actgrad_batch`, `actgrad_step`), so that
+TensorBoard, which groups cards by a tag's first path component, groups them
+by statistic. The callback's own event files live in `<log_dir>/actgrad/`.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import re
 
 LOG_PREFIX = "actgrad"
 WEIGHTS_LOG_PREFIX = "actgrad_weights"
 
 # Event kinds and their TensorBoard tag prefixes.
-PREFIXES = {"epoch": "actgrad", "start": "actgrad_start", "batch": "actgrad_batch"}
+PREFIXES = {
+    "epoch": "actgrad",
+    "start": "actgrad_start",
+    "batch": "actgrad_batch",
+    "step": "actgrad_step",
+}
 WEIGHT_PREFIXES = {
     "epoch": "actgrad_weights",
     "start": "actgrad_weights_start",
     "batch": "actgrad_weights_batch",
+    "step": "actgrad_weights_step",
 }
 KINDS = tuple(PREFIXES)
 
@@ -41,6 +54,11 @@ EXPLODING_RATIO = 1e4
 DEAD_UNIT_FRACTION = 0.5
 
 
+# The summary on the progress bar: the first probe's `grad_norm` over the
+# last probe's (the ratio the vanishing / exploding alerts compare).
+RATIO_LOG_KEY = "actgrad/grad_norm_ratio"
+
+
 def log_key(probe: str, statistic: str) -> str:
     """The `logs` key of a probe's statistic: `actgrad/<probe>/<statistic>`."""
     return f"{LOG_PREFIX}/{probe}/{statistic}"
@@ -52,24 +70,80 @@ def weight_log_key(path: str) -> str:
 
 
 def summary_tag(kind: str, probe: str, name: str) -> str:
-    """The TensorBoard tag of a probe's statistic or histogram at `kind` events."""
-    return f"{PREFIXES[kind]}/{probe}/{name}"
+    """The TensorBoard tag of a probe's statistic or histogram at `kind` events.
+
+    `<prefix>.<name>/<probe>`, e.g. `actgrad.grad_norm/dense_probe` or
+    `actgrad_batch.gradient/dense_probe`: TensorBoard groups cards by a tag's
+    first path component, so its dashboards group by statistic, with every
+    probe of that statistic in one group.
+    """
+    return f"{PREFIXES[kind]}.{name}/{probe}"
 
 
 def weight_summary_tag(kind: str, path: str) -> str:
-    """The TensorBoard tag of a weight gradient's norm at `kind` events."""
-    return f"{WEIGHT_PREFIXES[kind]}/{path}/grad_norm"
+    """The TensorBoard tag of a weight gradient's norm at `kind` events:
+    `<weights prefix>.grad_norm/<variable path>`."""
+    return f"{WEIGHT_PREFIXES[kind]}.grad_norm/{path}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SummaryTag:
+    """A parsed TensorBoard tag of the callback's (or the monitor's) events.
+
+    Attributes:
+        kind: The event kind (a key of `PREFIXES`: "epoch", "start", ...).
+        target: `"probe"` (a probe's statistic or histogram) or `"weight"`
+            (a weight gradient's norm).
+        name: The statistic, `"gradient"` / `"activation"` for histograms,
+            `"grad_norm"` for weights.
+        key: The probe name or the variable path (either may contain `/`).
+    """
+
+    kind: str
+    target: str
+    name: str
+    key: str
+
+
+_TAG_PREFIXES = {prefix: (kind, "probe") for kind, prefix in PREFIXES.items()}
+_TAG_PREFIXES.update(
+    {prefix: (kind, "weight") for kind, prefix in WEIGHT_PREFIXES.items()}
+)
+
+
+def parse_summary_tag(tag: str) -> SummaryTag | None:
+    """The inverse of `summary_tag` and `weight_summary_tag`, or None.
+
+    Also reads the scheme of keras-actgrad 0.1 (`<prefix>/<probe>/<name>`),
+    so that older logs still load.
+    """
+    head, _, rest = tag.partition("/")
+    prefix, dot, name = head.partition(".")
+    if dot:
+        key = rest
+    else:
+        key, _, name = rest.rpartition("/")
+    if prefix not in _TAG_PREFIXES or not key or not name:
+        return None
+    kind, target = _TAG_PREFIXES[prefix]
+    return SummaryTag(kind, target, name, key)
+
+
+def block_of(probe: str) -> str:
+    """The block a probe belongs to, for grouping big models: the first path
+    component of its name, without a repeated visit's `@N` suffix
+    (`transformer_layer_3/self_attention/query` -> `transformer_layer_3`)."""
+    return re.sub(r"@\d+$", "", probe.split("/", 1)[0])
 
 
 def parse_key(key: str) -> tuple[str, str, str] | None:
-    """`(prefix, probe or variable path, statistic)` of a key or tag, or None.
+    """`(prefix, probe or variable path, statistic)` of a `logs` key, or None.
 
-    The inverse of `log_key`, `weight_log_key`, `summary_tag` and
-    `weight_summary_tag`; None for a string that is none of them.
+    The inverse of `log_key` and `weight_log_key`; None for a string that is
+    neither (TensorBoard tags are parsed by `parse_summary_tag`).
     """
     prefix, _, rest = key.partition("/")
     name, _, statistic = rest.rpartition("/")
-    known = set(PREFIXES.values()) | set(WEIGHT_PREFIXES.values())
-    if prefix not in known or not name or not statistic:
+    if prefix not in (LOG_PREFIX, WEIGHTS_LOG_PREFIX) or not name or not statistic:
         return None
     return prefix, name, statistic

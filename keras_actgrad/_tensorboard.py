@@ -12,15 +12,19 @@ lazily, when a writer is created.
 What it writes, per probe event (the contract `_report.py` reads; every
 tag is built in `_tags.py`):
 
-- scalars `<prefix>/<probe>/<statistic>`, stored as TensorFlow 2 writes
+- scalars `<prefix>.<statistic>/<probe>`, stored as TensorFlow 2 writes
   them (`tf.summary.scalar`): a float32 scalar tensor with the `scalars`
   plugin metadata. Read them with `EventAccumulator(...).Tensors(tag)`.
-- histograms `<prefix>/<probe>/gradient` and `<prefix>/<probe>/activation`:
+- histograms `<prefix>.gradient/<probe>` and `<prefix>.activation/<probe>`:
   a float64 `[k, 3]` tensor of (left edge, right edge, count) with the
   `histograms` plugin metadata, as `tf.summary.histogram` writes it.
-- scalars `<weights prefix>/<variable path>/grad_norm`.
-- text `actgrad/probe_order` (epoch events): a JSON list of probe names in
-  forward order.
+- scalars `<weights prefix>.grad_norm/<variable path>`.
+- text `actgrad/probe_order` (epoch events, and any event whose probe order
+  differs from the last one written): a JSON list of probe names in
+  forward order; text `actgrad/alert_thresholds` (epoch events).
+- a Custom Scalars layout (`_layout.py`: every probe of a statistic on one
+  chart) with the first event of each kind, and again whenever the probes
+  or the kinds change (TensorBoard shows the last one).
 - image `actgrad/grad_norm_profile` (epoch events, only with
   `profile_images=True`): every probe's `grad_norm` as a bar chart on a log
   scale, stored as `tf.summary.image` stores it (a string tensor
@@ -30,7 +34,7 @@ tag is built in `_tags.py`):
 (`probe_at_start`, step = global step before the first update) or
 `actgrad_batch` (`batch_freq`, step = global training step); the weight
 prefixes are `actgrad_weights`, `actgrad_weights_start` and
-`actgrad_weights_batch`.
+`actgrad_weights_batch` (see `_tags.py`).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from keras_actgrad._layout import layout
 from keras_actgrad._statistics.statistics import Reduced
 from keras_actgrad._tags import (
     EVENTS_SUBDIR,
@@ -101,13 +106,13 @@ def _float64_matrix(array: np.ndarray) -> Any:
     )
 
 
-def _string(text: str) -> Any:
+def _string(text: str | bytes) -> Any:
     from tensorboard.compat.proto import tensor_pb2, tensor_shape_pb2, types_pb2
 
     return tensor_pb2.TensorProto(
         dtype=types_pb2.DT_STRING,
         tensor_shape=tensor_shape_pb2.TensorShapeProto(),
-        string_val=[text.encode("utf-8")],
+        string_val=[text.encode("utf-8") if isinstance(text, str) else text],
     )
 
 
@@ -158,6 +163,9 @@ class EventWriter:
         self._metadata: dict[str, Any] = {}
         self.profile_images = profile_images
         self.thresholds = dict(thresholds or {})
+        self._order_written: list[str] | None = None
+        self._layout_written: tuple[Any, ...] | None = None
+        self._kinds: list[str] = []
         self._write_record(
             event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")
         )
@@ -226,6 +234,11 @@ class EventWriter:
         if plugin not in self._metadata:
             if plugin == "scalars":
                 from tensorboard.plugins.scalar import metadata
+            elif plugin == "custom_scalars":
+                from tensorboard.plugins.custom_scalar import metadata
+
+                self._metadata[plugin] = metadata.create_summary_metadata()
+                return self._metadata[plugin]
             elif plugin == "histograms":
                 from tensorboard.plugins.histogram import metadata
             elif plugin == "images":
@@ -293,12 +306,15 @@ class EventWriter:
                 metadata=scalar,
                 tensor=_scalar(norm),
             )
-        if kind == "epoch":
+        if kind == "epoch" or self._order_written != list(probe_order):
             summary.value.add(
                 tag=PROBE_ORDER_TAG,
                 metadata=self._plugin_metadata("text"),
                 tensor=_string(json.dumps(list(probe_order))),
             )
+            self._order_written = list(probe_order)
+        self._add_layout(summary, kind, statistics, probe_order)
+        if kind == "epoch":
             if self.thresholds:
                 summary.value.add(
                     tag=THRESHOLDS_TAG,
@@ -316,6 +332,30 @@ class EventWriter:
             event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary)
         )
         self._file.flush()
+
+    def _add_layout(
+        self,
+        summary: Any,
+        kind: str,
+        statistics: Sequence[str],
+        probe_order: Sequence[str],
+    ) -> None:
+        """Adds the Custom Scalars layout when the probes or kinds changed."""
+        from tensorboard.plugins.custom_scalar import metadata
+
+        if kind not in self._kinds:
+            self._kinds.append(kind)
+        key = (tuple(self._kinds), tuple(statistics), tuple(probe_order))
+        if key == self._layout_written:
+            return
+        summary.value.add(
+            tag=metadata.CONFIG_SUMMARY_TAG,
+            metadata=self._plugin_metadata("custom_scalars"),
+            tensor=_string(
+                layout(probe_order, statistics, self._kinds).SerializeToString()
+            ),
+        )
+        self._layout_written = key
 
     def _profile_image(
         self, step: int, reduced: Reduced, probe_order: Sequence[str]

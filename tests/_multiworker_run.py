@@ -44,7 +44,11 @@ def main():
     x = rng.normal(size=(8, 4)).astype("float32")
     y = rng.normal(size=(8, 1)).astype("float32")
     callback = keras_actgrad.ActivationGradientCallback(
-        (x, y), log_dir=log_dir, statistics=["grad_norm"], histograms=False
+        (x, y),
+        log_dir=log_dir,
+        statistics=["grad_norm"],
+        log_statistics=["grad_norm"],
+        histograms=False,
     )
     # Keras 3's `fit` does not run under MultiWorkerMirroredStrategy
     # (keras-team/keras#20585); a custom training loop drives the callback

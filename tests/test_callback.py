@@ -46,7 +46,9 @@ def grad_norm(result):
 def test_history_matches_activation_gradients_at_same_weights():
     model = mlp()
     x, y = data()
-    callback = ActivationGradientCallback((x[:16], y[:16]), histograms=False)
+    callback = ActivationGradientCallback(
+        (x[:16], y[:16]), histograms=False, log_statistics=["grad_norm"]
+    )
     history = model.fit(x, y, epochs=3, batch_size=8, verbose=0, callbacks=[callback])
     results = keras_actgrad.activation_gradients(model, x[:16], y[:16])
     for probe in ("p0", "p1"):
@@ -79,7 +81,7 @@ def test_first_epoch_value_matches_weights_after_epoch_zero():
         )
 
 
-def test_same_keys_every_epoch_nan_when_not_probed(tmp_path):
+def test_same_keys_every_epoch_carried_when_not_probed(tmp_path):
     model = mlp()
     x, y = data()
     callback = ActivationGradientCallback(
@@ -94,9 +96,18 @@ def test_same_keys_every_epoch_nan_when_not_probed(tmp_path):
         callbacks=[callback, keras.callbacks.CSVLogger(str(csv_path))],
     )
     keys = {f"actgrad/p{i}/{s}" for i in (0, 1) for s in ("grad_norm", "act_std")}
+    keys.add("actgrad/grad_norm_ratio")
     assert keys <= set(history.history)
-    values = history.history["actgrad/p0/grad_norm"]
-    assert [math.isnan(v) for v in values] == [False, True, False, True]
+    # Probed epochs 0 and 2; epochs 1 and 3 carry the last measured value.
+    events = [e["statistics"] for e in callback.events]
+    for key in keys - {"actgrad/grad_norm_ratio"}:
+        probe, statistic = key.split("/")[1:]
+        expected = [events[0][probe][statistic]] * 2 + [events[1][probe][statistic]] * 2
+        assert history.history[key] == pytest.approx(expected, rel=1e-6)
+    ratios = [e["p0"]["grad_norm"] / e["p1"]["grad_norm"] for e in events]
+    assert history.history["actgrad/grad_norm_ratio"] == pytest.approx(
+        [ratios[0], ratios[0], ratios[1], ratios[1]], rel=1e-6
+    )
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
     assert keys <= set(rows[0])
@@ -104,7 +115,31 @@ def test_same_keys_every_epoch_nan_when_not_probed(tmp_path):
     assert float(rows[2]["actgrad/p1/act_std"]) == pytest.approx(
         history.history["actgrad/p1/act_std"][2], rel=1e-6
     )
-    assert rows[1]["actgrad/p1/act_std"].lower() == "nan"
+    assert rows[1]["actgrad/p1/act_std"] == rows[0]["actgrad/p1/act_std"]
+
+
+def test_default_logs_one_compact_value(capsys):
+    """By default the progress bar gets `actgrad/grad_norm_ratio` only, and no
+    `nan` on epochs that were not probed (the first is the pre-training
+    check pass's value)."""
+    model = mlp()
+    x, y = data()
+    callback = ActivationGradientCallback((x, y), freq=[1], histograms=False)
+    history = model.fit(x, y, epochs=3, verbose=2, callbacks=[callback])
+    ours = [key for key in history.history if key.startswith("actgrad")]
+    assert ours == ["actgrad/grad_norm_ratio"]
+    ratios = history.history["actgrad/grad_norm_ratio"]
+    assert all(math.isfinite(v) for v in ratios)
+    event = callback.events[0]["statistics"]
+    assert (
+        ratios[1]
+        == ratios[2]
+        == pytest.approx(event["p0"]["grad_norm"] / event["p1"]["grad_norm"], rel=1e-6)
+    )
+    lines = [line for line in capsys.readouterr().out.splitlines() if "loss" in line]
+    assert len(lines) == 3
+    for line in lines:
+        assert line.count("actgrad") == 1 and "nan" not in line
 
 
 @pytest.mark.parametrize(
@@ -116,7 +151,10 @@ def test_same_keys_every_epoch_nan_when_not_probed(tmp_path):
         ({"freq": "epoch"}, r"Received: freq='epoch'"),
         ({"statistics": ["grad_norm", "bogus"]}, r"bogus.*Accepted names"),
         ({"log_statistics": ["nope"]}, r"nope.*Accepted names"),
-        ({"statistics": ["act_mean"]}, r"`log_statistics` \['grad_norm'\]"),
+        (
+            {"statistics": ["act_mean"], "log_statistics": ["grad_norm"]},
+            r"`log_statistics` \['grad_norm'\]",
+        ),
         ({"on_nonfinite": "ignore"}, r"'ignore'.*\['warn', 'raise', 'stop'\]"),
         ({"batch_freq": 0}, r"Received: batch_freq=0"),
         ({"histogram_bins": 0}, r"Received: histogram_bins=0"),
@@ -209,11 +247,20 @@ def probed_epochs(callback, kind="epoch"):
 def test_freq(freq, epochs, expected):
     model = mlp()
     x, y = data(8)
-    callback = ActivationGradientCallback((x, y), freq=freq, histograms=False)
+    callback = ActivationGradientCallback(
+        (x, y), freq=freq, histograms=False, log_statistics=["grad_norm"]
+    )
     history = model.fit(x, y, epochs=epochs, verbose=0, callbacks=[callback])
     assert probed_epochs(callback) == expected
+    # Every epoch has a value: a probed epoch's own, else the last measured.
     logged = history.history["actgrad/p0/grad_norm"]
-    assert [i for i, v in enumerate(logged) if not math.isnan(v)] == expected
+    assert len(logged) == epochs and all(math.isfinite(v) for v in logged)
+    measured = {e["epoch"]: e["statistics"]["p0"]["grad_norm"] for e in callback.events}
+    last = None  # before the first probed epoch: the pre-training check's value
+    for epoch in range(epochs):
+        last = measured.get(epoch, last)
+        if last is not None:
+            assert logged[epoch] == pytest.approx(last, rel=1e-6)
 
 
 def test_batch_freq_and_probe_at_start():
@@ -221,7 +268,12 @@ def test_batch_freq_and_probe_at_start():
     x, y = data(32)
     initial = keras_actgrad.activation_gradients(model, x[:8], y[:8])
     callback = ActivationGradientCallback(
-        (x[:8], y[:8]), batch_freq=5, probe_at_start=True, freq=[2], histograms=False
+        (x[:8], y[:8]),
+        batch_freq=5,
+        probe_at_start=True,
+        freq=[2],
+        histograms=False,
+        log_statistics=["grad_norm"],
     )
     history = model.fit(x, y, epochs=3, batch_size=8, verbose=0, callbacks=[callback])
     kinds = [(e["kind"], e["epoch"], e["step"]) for e in callback.events]
@@ -362,7 +414,9 @@ def test_early_stopping_on_gradient_key():
     model = mlp()
     model.compile(keras.optimizers.SGD(0.0), "mse")  # weights stay put
     x, y = data()
-    callback = ActivationGradientCallback((x, y), histograms=False)
+    callback = ActivationGradientCallback(
+        (x, y), histograms=False, log_statistics=["grad_norm"]
+    )
     # A constant gradient norm does not improve: EarlyStopping stops after
     # epoch 1, which only happens if it sees the key.
     stopper = keras.callbacks.EarlyStopping(

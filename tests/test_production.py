@@ -463,7 +463,7 @@ def test_callback_never_built_model():
         [keras.layers.Dense(4), GradientProbe(name="p"), keras.layers.Dense(2)]
     )
     model.compile("sgd", "mse")
-    callback = ActivationGradientCallback(data())
+    callback = ActivationGradientCallback(data(), log_statistics=["grad_norm"])
     if not TENSORFLOW:
         # JAX's and PyTorch's `fit` build the model from the first batch's
         # shapes before `on_train_begin`: probing then simply works.
@@ -481,7 +481,9 @@ def test_callback_never_built_model():
 def test_callback_unreached_probe_warns_and_logs_nan():
     model = unreached_model()
     x, y = data()
-    callback = ActivationGradientCallback((x, y), statistics=["grad_norm", "act_mean"])
+    callback = ActivationGradientCallback(
+        (x, y), statistics=["grad_norm", "act_mean"], log_statistics=["grad_norm"]
+    )
     with ours() as record:
         history = model.fit(x, y, epochs=2, verbose=0, callbacks=[callback])
     assert len(record) == 1
@@ -613,7 +615,9 @@ class _DiskFullAfterFirstEpoch(keras.callbacks.Callback):
 def test_disk_full_mid_run_warns_once_and_training_continues(tmp_path):
     model = mlp()
     x, y = data()
-    callback = ActivationGradientCallback((x, y), log_dir=str(tmp_path))
+    callback = ActivationGradientCallback(
+        (x, y), log_dir=str(tmp_path), log_statistics=["grad_norm"]
+    )
     full = _DiskFullAfterFirstEpoch(callback)
     with ours() as record:
         history = model.fit(x, y, epochs=4, verbose=0, callbacks=[callback, full])

@@ -73,27 +73,27 @@ def test_scalars_histograms_and_probe_order(tmp_path):
     tags = set(accumulator.Tags()["tensors"])
     for probe in ("p0", "p1"):
         for name in ("grad_norm", "act_mean", "gradient", "activation"):
-            assert f"actgrad/{probe}/{name}" in tags
-        assert f"actgrad/{probe}/grad_std" not in tags
+            assert f"actgrad.{name}/{probe}" in tags
+        assert f"actgrad.grad_std/{probe}" not in tags
     assert "actgrad/probe_order" in tags
     order = values(accumulator, "actgrad/probe_order")[-1][1].item()
     assert json.loads(order) == ["p0", "p1"]
     # The last epoch's values equal a fresh computation at the final weights.
     results = keras_actgrad.activation_gradients(model, x[:16], y[:16])
     for probe, result in results.items():
-        series = values(accumulator, f"actgrad/{probe}/grad_norm")
+        series = values(accumulator, f"actgrad.grad_norm/{probe}")
         assert [step for step, _ in series] == [0, 1, 2]
         expected = np.sqrt(np.sum(result.gradient.astype(np.float64) ** 2))
         assert float(series[-1][1]) == pytest.approx(expected, rel=1e-5)
-        step, buckets = values(accumulator, f"actgrad/{probe}/gradient")[-1]
+        step, buckets = values(accumulator, f"actgrad.gradient/{probe}")[-1]
         assert step == 2 and buckets.shape == (30, 3)
         assert buckets[:, 2].sum() == result.gradient.size
         assert buckets[0, 0] == pytest.approx(result.gradient.min(), rel=1e-5)
         assert buckets[-1, 1] == pytest.approx(result.gradient.max(), rel=1e-5)
         np.testing.assert_allclose(buckets[1:, 0], buckets[:-1, 1])
-        plugin = accumulator.SummaryMetadata(f"actgrad/{probe}/gradient")
+        plugin = accumulator.SummaryMetadata(f"actgrad.gradient/{probe}")
         assert plugin.plugin_data.plugin_name == "histograms"
-        plugin = accumulator.SummaryMetadata(f"actgrad/{probe}/grad_norm")
+        plugin = accumulator.SummaryMetadata(f"actgrad.grad_norm/{probe}")
         assert plugin.plugin_data.plugin_name == "scalars"
 
 
@@ -111,27 +111,29 @@ def test_start_batch_and_weight_prefixes(tmp_path):
     model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[callback])
     accumulator = read(tmp_path / "actgrad")
     tags = set(accumulator.Tags()["tensors"])
-    assert [s for s, _ in values(accumulator, "actgrad_start/p0/grad_norm")] == [0]
+    assert [s for s, _ in values(accumulator, "actgrad_start.grad_norm/p0")] == [0]
     # 4 steps an epoch, 8 in all: steps 3 and 6.
-    batch_steps = [s for s, _ in values(accumulator, "actgrad_batch/p1/grad_norm")]
+    batch_steps = [s for s, _ in values(accumulator, "actgrad_batch.grad_norm/p1")]
     assert batch_steps == [3, 6]
-    assert [s for s, _ in values(accumulator, "actgrad/p1/grad_norm")] == [1]
-    assert "actgrad_weights/d0/kernel/grad_norm" in tags
-    assert "actgrad_weights_start/head/kernel/grad_norm" in tags
-    assert "actgrad_weights_batch/d1/bias/grad_norm" in tags
+    assert [s for s, _ in values(accumulator, "actgrad.grad_norm/p1")] == [1]
+    assert "actgrad_weights.grad_norm/d0/kernel" in tags
+    assert "actgrad_weights_start.grad_norm/head/kernel" in tags
+    assert "actgrad_weights_batch.grad_norm/d1/bias" in tags
     assert not any(tag.endswith("/gradient") for tag in tags)
     # Same values in TensorBoard as in memory.
     start = [e for e in callback.events if e["kind"] == "start"][0]
-    written = float(values(accumulator, "actgrad_start/p0/grad_norm")[0][1])
+    written = float(values(accumulator, "actgrad_start.grad_norm/p0")[0][1])
     assert written == pytest.approx(start["statistics"]["p0"]["grad_norm"], rel=1e-6)
-    norm = float(values(accumulator, "actgrad_weights/d0/kernel/grad_norm")[0][1])
+    norm = float(values(accumulator, "actgrad_weights.grad_norm/d0/kernel")[0][1])
     epoch = [e for e in callback.events if e["kind"] == "epoch"][0]
     assert norm == pytest.approx(epoch["weight_grad_norms"]["d0/kernel"], rel=1e-6)
 
 
 def test_beside_keras_tensorboard(tmp_path):
     model, x, y = model_and_data()
-    callback = ActivationGradientCallback((x, y), log_dir=str(tmp_path))
+    callback = ActivationGradientCallback(
+        (x, y), log_dir=str(tmp_path), log_statistics=["grad_norm"]
+    )
     model.fit(
         x,
         y,
@@ -142,7 +144,7 @@ def test_beside_keras_tensorboard(tmp_path):
     assert {"actgrad", "train"} <= set(os.listdir(tmp_path))
     ours = read(tmp_path / "actgrad").Tags()["tensors"]
     keras_tags = read(tmp_path / "train").Tags()["tensors"]
-    assert "actgrad/p0/grad_norm" in ours
+    assert "actgrad.grad_norm/p0" in ours
     assert "epoch_loss" in keras_tags
     # Keras's TensorBoard also logs our `logs` keys, as it does any metric.
     assert "epoch_actgrad/p0/grad_norm" in keras_tags
@@ -161,7 +163,9 @@ class _RemoveLogDir(keras.callbacks.Callback):
 def test_removed_log_dir_warns_once_and_training_continues(tmp_path):
     model, x, y = model_and_data()
     log_dir = tmp_path / "logs"
-    callback = ActivationGradientCallback((x, y), log_dir=str(log_dir))
+    callback = ActivationGradientCallback(
+        (x, y), log_dir=str(log_dir), log_statistics=["grad_norm"]
+    )
     with our_warnings() as record:
         history = model.fit(
             x,
@@ -202,7 +206,9 @@ class _FillDisk(keras.callbacks.Callback):
 
 def test_full_disk_warns_once_and_training_continues(tmp_path):
     model, x, y = model_and_data()
-    callback = ActivationGradientCallback((x, y), log_dir=str(tmp_path))
+    callback = ActivationGradientCallback(
+        (x, y), log_dir=str(tmp_path), log_statistics=["grad_norm"]
+    )
     with our_warnings() as record:
         history = model.fit(
             x, y, epochs=3, verbose=0, callbacks=[callback, _FillDisk(callback)]
@@ -210,7 +216,7 @@ def test_full_disk_warns_once_and_training_continues(tmp_path):
     assert len(record) == 1
     assert "No space left" in str(record[0].message)
     assert len(history.history["actgrad/p0/grad_norm"]) == 3
-    steps = [s for s, _ in values(read(tmp_path / "actgrad"), "actgrad/p0/grad_norm")]
+    steps = [s for s, _ in values(read(tmp_path / "actgrad"), "actgrad.grad_norm/p0")]
     assert steps == [0]
 
 
@@ -221,11 +227,11 @@ def test_tensorboard_server_lists_our_tags(tmp_path, tensorboard_server):
     server = tensorboard_server(tmp_path)
     tags = server.wait_for_json(
         "/data/plugin/scalars/tags",
-        lambda tags: "actgrad/p1/grad_norm" in tags.get("actgrad", {}),
+        lambda tags: "actgrad.grad_norm/p1" in tags.get("actgrad", {}),
         default={},
     )
-    assert "actgrad/p0/grad_norm" in tags["actgrad"]
-    assert "actgrad/p1/grad_norm" in tags["actgrad"]
+    assert "actgrad.grad_norm/p0" in tags["actgrad"]
+    assert "actgrad.grad_norm/p1" in tags["actgrad"]
 
 
 def test_pure_python_records_without_tensorflow(tmp_path, monkeypatch):
@@ -251,10 +257,10 @@ def test_pure_python_records_without_tensorflow(tmp_path, monkeypatch):
     assert writer.write("epoch", 4, reduced, ["grad_norm"], ["p"])
     writer.close()
     accumulator = read(tmp_path / "actgrad")
-    assert values(accumulator, "actgrad/p/grad_norm") == [(4, pytest.approx(2.5))]
-    step, buckets = values(accumulator, "actgrad/p/gradient")[0]
+    assert values(accumulator, "actgrad.grad_norm/p") == [(4, pytest.approx(2.5))]
+    step, buckets = values(accumulator, "actgrad.gradient/p")[0]
     np.testing.assert_allclose(buckets[:, 2], [1, 0, 2, 5])
     np.testing.assert_allclose(buckets[:, 0], [-1.0, 0.0, 1.0, 2.0])
     np.testing.assert_allclose(buckets[:, 1], [0.0, 1.0, 2.0, 3.0])
-    norm = values(accumulator, "actgrad_weights/dense/kernel/grad_norm")[0][1]
+    norm = values(accumulator, "actgrad_weights.grad_norm/dense/kernel")[0][1]
     assert float(norm) == pytest.approx(0.75)
