@@ -55,7 +55,7 @@ def pytest_collection_modifyitems(
 class TensorBoardServer:
     """A `tensorboard` process serving one log directory on 127.0.0.1."""
 
-    def __init__(self, log_dir: str | Path) -> None:
+    def __init__(self, log_dir: str | Path, env: dict[str, str] | None = None) -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
@@ -77,6 +77,7 @@ class TensorBoardServer:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            env=env,
         )
 
     def get(self, path: str) -> bytes:
@@ -117,12 +118,18 @@ class TensorBoardServer:
 
 
 @pytest.fixture
-def tensorboard_server() -> Iterator[Callable[[str | Path], TensorBoardServer]]:
-    """Starts `tensorboard` servers on log directories; stops them after the test."""
+def tensorboard_server() -> Iterator[Callable[..., TensorBoardServer]]:
+    """Starts `tensorboard` servers on log directories; stops them after the test.
+
+    `start(log_dir, env=None)`: `env` is the server process's environment
+    (default: this process's).
+    """
     servers: list[TensorBoardServer] = []
 
-    def start(log_dir: str | Path) -> TensorBoardServer:
-        servers.append(TensorBoardServer(log_dir))
+    def start(
+        log_dir: str | Path, env: dict[str, str] | None = None
+    ) -> TensorBoardServer:
+        servers.append(TensorBoardServer(log_dir, env))
         return servers[-1]
 
     yield start
