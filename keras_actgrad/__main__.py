@@ -1,6 +1,7 @@
 """`keras-actgrad` / `python -m keras_actgrad`: the command line.
 
-`keras-actgrad report LOG_DIR [--png FILE] [--statistic grad_norm]` prints
+`keras-actgrad report LOG_DIR [--png FILE] [--statistic grad_norm] [--select GLOB]`
+prints
 one row per probe (forward order) with the first and last probed epoch's
 value, the trend and any alert, and optionally saves a heatmap.
 """
@@ -46,6 +47,14 @@ def _parser() -> argparse.ArgumentParser:
         help="also save a probes x epochs heatmap (log colour) to FILE",
     )
     report.add_argument(
+        "--select",
+        metavar="GLOB",
+        action="append",
+        help="only the probes whose names match this glob, e.g. "
+        "'transformer_layer_1*' or '*/self_attention/*' (repeat for more; "
+        "alerts still compare with the run's last probe)",
+    )
+    report.add_argument(
         "--statistic",
         default="grad_norm",
         help="the statistic to show (default: grad_norm)",
@@ -87,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         reconfigure(errors="replace")
     try:
         report = load_report(args.log_dir)
+        if args.select:
+            report = report.select(args.select)
         table = report.table(
             args.statistic, args.vanishing, args.exploding, args.dead_units
         )

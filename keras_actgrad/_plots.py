@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
-from keras_actgrad._tags import DEAD_UNIT_FRACTION, VANISHING_RATIO
+from keras_actgrad._tags import DEAD_UNIT_FRACTION, VANISHING_RATIO, block_of
+
+# Past this many probes the heatmap's rows are thin: labelled by block (the
+# first component of the probe names) or every k-th, alerts marked at the
+# right edge, and the figure's height capped.
+MANY_PROBES = 48
+MAX_HEIGHT = 22.0  # inches
 
 
 def number(value: float, digits: int = 3) -> str:
@@ -26,7 +32,7 @@ def number(value: float, digits: int = 3) -> str:
 
 def plot_heatmap(
     report: Any,
-    path: str,
+    path: str | IO[bytes],
     statistic: str = "grad_norm",
     vanishing: float | None = None,
     exploding: float | None = None,
@@ -44,7 +50,12 @@ def plot_heatmap(
     n_probes, n_epochs = data.shape
     positive = data[np.isfinite(data) & (data > 0)]
     labels_inches = 0.08 * max((len(p) + 14 for p in report.probes), default=10)
-    height = 1.6 + 0.42 * n_probes
+    if n_probes <= MANY_PROBES:
+        height = 1.6 + 0.42 * n_probes
+    else:
+        height = min(MAX_HEIGHT, 1.6 + 0.11 * n_probes)
+        labels_inches = 0.08 * max(len(block_of(p)) + 6 for p in report.probes)
+        labels_inches = min(labels_inches, 4.0)
     fig = figure.Figure(
         figsize=(min(18.0, labels_inches + 2.2 + 0.55 * max(n_epochs, 6)), height),
         dpi=100,
@@ -68,16 +79,8 @@ def plot_heatmap(
     if n_epochs > 20:
         for k, label in enumerate(ax.get_xticklabels()):
             label.set_visible(k % math.ceil(n_epochs / 20) == 0)
-    labels = [
-        f"{p}  [{', '.join(a.split(' (')[0] for a in alerts[p])}]" if alerts[p] else p
-        for p in report.probes
-    ]
-    ax.set_yticks(range(n_probes), labels)
-    for probe, label in zip(report.probes, ax.get_yticklabels(), strict=True):
-        if alerts[probe]:
-            label.set_color("#c0392b")
+    _label_rows(ax, report.probes, alerts, n_epochs, height)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("probe (forward order, input at top)")
     ax.set_title(f"{statistic} per probe and epoch", loc="left")
     if norm is not None:
         bar = fig.colorbar(image, ax=ax, pad=0.02, aspect=max(20.0, 8 * height))
@@ -111,6 +114,64 @@ def plot_heatmap(
                     color="white" if dark else "black",
                 )
     fig.savefig(path)
+
+
+def _label_rows(
+    ax: Any,
+    probes: Sequence[str],
+    alerts: dict[str, list[str]],
+    n_epochs: int,
+    height: float,
+) -> None:
+    """Labels the heatmap's rows: every probe, or past `MANY_PROBES` one
+    label per block (when the names have blocks) or every k-th probe, with
+    the alerted probes marked by red triangles at the right edge."""
+    red = "#c0392b"
+    n = len(probes)
+    if n <= MANY_PROBES:
+        labels = [
+            f"{p}  [{', '.join(a.split(' (')[0] for a in alerts[p])}]"
+            if alerts[p]
+            else p
+            for p in probes
+        ]
+        ax.set_yticks(range(n), labels)
+        for probe, label in zip(probes, ax.get_yticklabels(), strict=True):
+            if alerts[probe]:
+                label.set_color(red)
+        ax.set_ylabel("probe (forward order, input at top)")
+        return
+    blocks: dict[str, list[int]] = {}
+    for i, probe in enumerate(probes):
+        blocks.setdefault(block_of(probe), []).append(i)
+    room = max(4, int((height - 1.6) * 72 / 10))  # labels 10 points apart
+    if 1 < len(blocks) < n and len(blocks) <= room:
+        starts = [rows[0] for rows in blocks.values()]
+        names = [f"{name} ({len(rows)})" for name, rows in blocks.items()]
+        ax.set_yticks(starts, names, fontsize=8)
+        for start in starts[1:]:
+            ax.axhline(start - 0.5, color="white", linewidth=0.6)
+        ax.set_ylabel("block (its probes), forward order, input at top")
+    else:
+        every = math.ceil(n / room)
+        ticks = list(range(0, n, every))
+        ax.set_yticks(ticks, [probes[i] for i in ticks], fontsize=8)
+        ax.set_ylabel(f"probe (every {every}th named), forward order")
+    flagged = [i for i, probe in enumerate(probes) if alerts[probe]]
+    if flagged:
+        ax.plot(
+            [n_epochs - 0.5] * len(flagged),
+            flagged,
+            linestyle="none",
+            marker="<",
+            markersize=4,
+            color=red,
+            clip_on=False,
+            label=f"probe with an alert ({len(flagged)})",
+        )
+        ax.legend(
+            loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False
+        )
 
 
 def _logged(report: Any, statistic: str, i: int, j: int) -> bool:

@@ -11,10 +11,15 @@ reads them with TensorBoard's own reader and turns them into a table (the
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import fnmatch
+import html
+import io
 import json
 import math
 import os
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -54,6 +59,12 @@ class Report:
             "exploding": ...}`, as stored in the events (empty for logs
             written before they were stored). `alerts` and `table` use them
             unless given others.
+        all_probes: Every probe of the run in forward order, when `probes`
+            is a selection (`select`); the vanishing / exploding alerts
+            still compare with the run's last probe. Empty: `probes`.
+
+    In a notebook a `Report` shows itself: the heatmap and the table
+    (`_repr_html_`; `_repr_png_` is the heatmap alone).
     """
 
     log_dir: str
@@ -62,6 +73,34 @@ class Report:
     values: dict[str, dict[str, dict[int, float]]]
     start: dict[str, dict[str, float]]
     thresholds: dict[str, float] = dataclasses.field(default_factory=dict)
+    all_probes: list[str] = dataclasses.field(default_factory=list)
+
+    def select(self, patterns: str | Sequence[str]) -> Report:
+        """The report restricted to the probes matching any glob pattern.
+
+        Patterns are shell globs on the probe names (`fnmatch`, case
+        sensitive): `"transformer_layer_1*"`, `"*/self_attention/*"`,
+        `"dense_probe"`. The alerts keep comparing with the run's last probe.
+
+        Raises:
+            ValueError: if no probe matches.
+        """
+        if isinstance(patterns, str):
+            patterns = [patterns]
+        chosen = [
+            probe
+            for probe in self.probes
+            if any(fnmatch.fnmatchcase(probe, pattern) for pattern in patterns)
+        ]
+        if not chosen:
+            raise ValueError(
+                f"No probe matches {list(patterns)}. Patterns are globs on the "
+                f"probe names, e.g. '{self.probes[0]}*'; the run's probes are "
+                f"{_some(self.probes)}. Received: patterns={list(patterns)!r}."
+            )
+        return dataclasses.replace(
+            self, probes=chosen, all_probes=self.all_probes or list(self.probes)
+        )
 
     def threshold(self, kind: str, given: float | None = None) -> float:
         """`given`, else the run's stored `kind` threshold, else the default."""
@@ -113,9 +152,10 @@ class Report:
         dead = self.values.get("dead_unit_fraction", {})
         # Per epoch, the `grad_norm` of the last probe that has a finite one
         # (as the callback does, probes without a gradient are left out).
+        everyone = self.all_probes or self.probes
         reference = {
             epoch: _alerts.reference_norm(
-                [norms.get(probe, {}).get(epoch, math.nan) for probe in self.probes]
+                [norms.get(probe, {}).get(epoch, math.nan) for probe in everyone]
             )
             for epoch in self.epochs
         }
@@ -214,6 +254,37 @@ class Report:
         """
         plot_heatmap(self, path, statistic, vanishing, exploding, dead_units)
 
+    def _repr_png_(self) -> bytes | None:
+        """The `grad_norm` heatmap as PNG (None without matplotlib)."""
+        if "grad_norm" not in self.values:
+            return None
+        buffer = io.BytesIO()
+        try:
+            plot_heatmap(self, buffer)
+        except ImportError:
+            return None
+        return buffer.getvalue()
+
+    def _repr_html_(self) -> str:
+        """The heatmap (when matplotlib is there) and the table, for notebooks."""
+        statistic = "grad_norm" if "grad_norm" in self.values else self.statistics[0]
+        parts = [
+            f"<p><b>keras-actgrad report</b>: {len(self.probes)} probes, "
+            f"{len(self.epochs)} probed epochs; {html.escape(self.log_dir)}</p>"
+        ]
+        png = self._repr_png_()
+        if png is not None:
+            data = base64.b64encode(png).decode("ascii")
+            parts.append(f'<img src="data:image/png;base64,{data}"/>')
+        table = html.escape(self.table(statistic))
+        rows = len(self.probes)
+        if rows > 30:  # a long table folds under the heatmap
+            summary = f"<summary>table ({rows} probes)</summary>"
+            parts.append(f"<details>{summary}<pre>{table}</pre></details>")
+        else:
+            parts.append(f"<pre>{table}</pre>")
+        return "\n".join(parts)
+
     def _statistic(self, statistic: str) -> dict[str, dict[int, float]]:
         if statistic not in self.values:
             raise ValueError(
@@ -222,6 +293,13 @@ class Report:
                 f"{self.statistics}. Received: statistic='{statistic}'."
             )
         return self.values[statistic]
+
+
+def _some(names: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    if len(names) > limit:
+        return f"[{shown}, ... ({len(names)} in all)]"
+    return f"[{shown}]"
 
 
 def _trend(first: float, last: float) -> str:
