@@ -95,7 +95,11 @@ def main():
 
     log_dir = tempfile.mkdtemp()
     callback = keras_actgrad.ActivationGradientCallback(
-        (px, py), log_dir=log_dir, statistics=["grad_norm"], histograms=False
+        (px, py),
+        log_dir=log_dir,
+        statistics=["grad_norm"],
+        log_statistics=["grad_norm"],
+        histograms=False,
     )
     history = model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[callback])
     report["trained"] = bool(
