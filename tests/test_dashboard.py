@@ -23,6 +23,7 @@ import json  # noqa: E402
 import math  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
+import sys  # noqa: E402
 import urllib.parse  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -81,21 +82,36 @@ def server_env(tmp_path):
     return env
 
 
-def test_pyproject_declares_the_entry_point():
-    import tomllib
+def test_the_wheel_ships_the_plugin_and_its_entry_point(tmp_path):
+    import zipfile
 
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    name, _, value = ENTRY_POINT.partition(" = ")
-    assert project["entry-points"]["tensorboard_plugins"] == {name: value}
-    module, _, attribute = value.partition(":")
-    plugin = getattr(__import__(module, fromlist=[attribute]), attribute)
-    assert plugin.plugin_name == "actgrad"
-    package_data = " ".join(
-        __import__("tomllib").loads((ROOT / "pyproject.toml").read_text())["tool"][
-            "setuptools"
-        ]["package-data"]["keras_actgrad"]
+    pytest.importorskip("setuptools", reason="builds the wheel without isolation")
+
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(ROOT),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
-    assert "_dashboard/static/" in package_data
+    (wheel,) = tmp_path.glob("keras_actgrad-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        (entry_points,) = [n for n in names if n.endswith("entry_points.txt")]
+        declared = archive.read(entry_points).decode()
+    assert "keras_actgrad/_dashboard/plugin.py" in names
+    assert "keras_actgrad/_dashboard/static/index.js" in names
+    assert f"[tensorboard_plugins]\n{ENTRY_POINT}" in declared
 
 
 def heatmap(server, run, kind, statistic):

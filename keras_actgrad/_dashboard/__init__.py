@@ -1,0 +1,1 @@
+"""keras-actgrad's TensorBoard dashboard: the `actgrad` plugin and its page."""
