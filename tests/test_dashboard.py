@@ -87,24 +87,33 @@ def test_the_wheel_ships_the_plugin_and_its_entry_point(tmp_path):
 
     pytest.importorskip("setuptools", reason="builds the wheel without isolation")
 
+    # A copy: building without isolation writes build/ and *.egg-info.
+    source = tmp_path / "source"
+    shutil.copytree(
+        ROOT / "keras_actgrad",
+        source / "keras_actgrad",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     subprocess.run(
         [
             sys.executable,
             "-m",
             "pip",
             "wheel",
-            str(ROOT),
+            str(source),
             "--no-deps",
             "--no-build-isolation",
             "-q",
             "-w",
-            str(tmp_path),
+            str(tmp_path / "wheel"),
         ],
         check=True,
         capture_output=True,
         timeout=300,
     )
-    (wheel,) = tmp_path.glob("keras_actgrad-*.whl")
+    (wheel,) = (tmp_path / "wheel").glob("keras_actgrad-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         (entry_points,) = [n for n in names if n.endswith("entry_points.txt")]
