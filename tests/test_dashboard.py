@@ -1,10 +1,10 @@
 """The `actgrad` TensorBoard plugin, through a live `tensorboard` server.
 
-The server finds the plugin through the package's `tensorboard_plugins`
-entry point. When the installed package metadata predates the entry point
-(an editable install made before it was added), the test puts a dist-info
-with the same entry point on the server's path, so that what is tested is
-still TensorBoard's own plugin discovery.
+The server finds the plugin through the `tensorboard_plugins` entry point
+the package declares (a dist-info on the server's path declares the same
+one, so that a stale editable install does not matter; the wheel test
+checks what the package really ships), so what is tested is TensorBoard's
+own plugin discovery.
 
 The page is checked in a real headless Chromium (the system package
 `chromium`): a screenshot whose heatmap region must hold many distinct
@@ -18,7 +18,6 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import importlib.metadata  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import shutil  # noqa: E402
@@ -38,7 +37,7 @@ from keras_actgrad import ActivationGradientCallback  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore:Vanishing gradient:UserWarning")
 
 ROOT = Path(__file__).resolve().parent.parent
-ENTRY_POINT = "actgrad = keras_actgrad._dashboard.plugin:ActgradPlugin"
+ENTRY_POINT = "actgrad = tensorboard_plugin_actgrad:ActgradLoader"
 
 
 def deep_model(depth=10, seed=0):
@@ -59,26 +58,20 @@ def deep_model(depth=10, seed=0):
 
 
 def server_env(tmp_path):
-    """PYTHONPATH for the server: this checkout first, then, if the installed
-    metadata lacks the entry point, a dist-info that declares it."""
-    paths = [str(ROOT)]
-    installed = [
-        entry.value
-        for entry in importlib.metadata.entry_points(group="tensorboard_plugins")
-        if entry.name == "actgrad"
-    ]
-    if not installed:
-        info = tmp_path / "site" / "keras_actgrad_dashboard_test-0.dist-info"
-        info.mkdir(parents=True)
-        (info / "METADATA").write_text(
-            "Metadata-Version: 2.1\nName: keras-actgrad-dashboard-test\nVersion: 0\n"
-        )
-        (info / "entry_points.txt").write_text(
-            f"[tensorboard_plugins]\n{ENTRY_POINT}\n"
-        )
-        paths.append(str(tmp_path / "site"))
+    """The server's environment: this checkout first on its path, and a
+    `keras_actgrad` dist-info declaring the entry point, which shadows the
+    installed package's metadata (an editable install may predate the entry
+    point; `importlib.metadata` takes the first distribution of a name)."""
+    site = tmp_path / "site"
+    info = site / "keras_actgrad-0.1.0.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: keras-actgrad\nVersion: 0.1.0\n"
+    )
+    (info / "entry_points.txt").write_text(f"[tensorboard_plugins]\n{ENTRY_POINT}\n")
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")])
+    paths = [str(ROOT), str(site), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     return env
 
 
@@ -94,7 +87,7 @@ def test_the_wheel_ships_the_plugin_and_its_entry_point(tmp_path):
         source / "keras_actgrad",
         ignore=shutil.ignore_patterns("__pycache__"),
     )
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "tensorboard_plugin_actgrad.py"):
         shutil.copy(ROOT / name, source / name)
     subprocess.run(
         [
@@ -119,8 +112,27 @@ def test_the_wheel_ships_the_plugin_and_its_entry_point(tmp_path):
         (entry_points,) = [n for n in names if n.endswith("entry_points.txt")]
         declared = archive.read(entry_points).decode()
     assert "keras_actgrad/_dashboard/plugin.py" in names
+    assert "tensorboard_plugin_actgrad.py" in names
     assert "keras_actgrad/_dashboard/static/index.js" in names
     assert f"[tensorboard_plugins]\n{ENTRY_POINT}" in declared
+
+
+def test_tensorboard_starts_when_keras_cannot_be_imported(tmp_path, tensorboard_server):
+    """Where Keras has no backend (TensorFlow missing, no `KERAS_BACKEND`),
+    TensorBoard starts without the tab: the loader imports Keras in `load`,
+    where TensorBoard catches the error."""
+    hidden = tmp_path / "hidden" / "tensorflow"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text('raise ImportError("hidden by a test")\n')
+    env = server_env(tmp_path)
+    env["PYTHONPATH"] = os.pathsep.join([str(hidden.parent), env["PYTHONPATH"]])
+    env.pop("KERAS_BACKEND", None)  # Keras's default backend: tensorflow
+    env["KERAS_HOME"] = str(tmp_path / "keras_home")  # no keras.json
+    server = tensorboard_server(tmp_path, env=env)
+    listing = server.wait_for_json(
+        "/data/plugins_listing", lambda value: "scalars" in value, default={}
+    )
+    assert "scalars" in listing and "actgrad" not in listing
 
 
 def heatmap(server, run, kind, statistic):

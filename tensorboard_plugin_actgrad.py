@@ -1,0 +1,25 @@
+"""TensorBoard's entry point for keras-actgrad's dashboard (the ACTGRAD tab).
+
+A module of its own, beside the `keras_actgrad` package rather than in it:
+TensorBoard imports every plugin entry point when it starts, and importing
+`keras_actgrad` imports Keras, which raises where Keras has no usable
+backend (say, a JAX-only install started without `KERAS_BACKEND`); an
+import error there stops TensorBoard. This loader imports the plugin in
+`load`, where TensorBoard catches a failure, logs it and starts without the
+tab. The plugin itself is `keras_actgrad._dashboard.plugin.ActgradPlugin`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tensorboard.plugins import base_plugin
+
+
+class ActgradLoader(base_plugin.TBLoader):
+    """Loads `ActgradPlugin` when TensorBoard builds its plugins."""
+
+    def load(self, context: Any) -> Any:
+        from keras_actgrad._dashboard.plugin import ActgradPlugin
+
+        return ActgradPlugin(context)
