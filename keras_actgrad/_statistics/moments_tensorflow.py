@@ -25,7 +25,12 @@ from keras_actgrad._statistics.moments import Moments, histogram
 # keeps every block 64-byte aligned (TensorFlow copies unaligned splits).
 _BLOCK_ENTRIES = 1 << 16
 _BLOCK_ROWS_MULTIPLE = 16
-_MAX_BLOCKS = 16
+# At most 4 blocks a probe (enough to keep a few inter-op threads busy): each
+# block adds its ops to the traced graph, which TensorFlow keeps for the
+# whole run; with 24 probes of 2048 x 1024, 16 blocks made a probe event's
+# peak 573 MB above the warm process, 4 blocks 465 MB, none 335 MB (a
+# training step: 240-290 MB; benchmarks/bench_memory.py, indicative).
+_MAX_BLOCKS = 4
 
 
 def row_blocks(shape: tf.TensorShape) -> list[int] | None:
