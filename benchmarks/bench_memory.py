@@ -40,6 +40,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
@@ -59,7 +60,33 @@ def _reset_peak() -> None:
         clear.write("5")
 
 
-def child(mode: str, probes: int, width: int, batch: int, reps: int) -> dict:
+def build_application(name: str, batch: int) -> tuple:
+    """A `keras.applications` model (random weights), probes inserted, data."""
+    import keras
+    import numpy as np
+
+    import keras_actgrad
+
+    keras.utils.set_random_seed(0)
+    application = {
+        "resnet50": keras.applications.ResNet50,
+        "densenet121": keras.applications.DenseNet121,
+    }[name]
+    model = application(weights=None, input_shape=(64, 64, 3), classes=10)
+    model.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(),
+    )
+    model = keras_actgrad.insert_probes(model)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch, 64, 64, 3)).astype("float32")
+    y = rng.integers(0, 10, size=(batch,)).astype("int32")
+    return model, x, y
+
+
+def child(
+    mode: str, probes: int, width: int, batch: int, reps: int, model_name: str = "mlp"
+) -> dict:
     """Runs in the measuring process: builds, warms up, measures `mode`."""
     import gc
 
@@ -70,6 +97,9 @@ def child(mode: str, probes: int, width: int, batch: int, reps: int) -> dict:
 
     import keras_actgrad
 
+    if model_name != "mlp":
+        model, x, y = build_application(model_name, batch)
+        return _measure(model, x, y, mode, reps, warm=8)
     keras.utils.set_random_seed(0)
     layers: list = [keras.Input((width,))]
     for index in range(probes):
@@ -84,9 +114,17 @@ def child(mode: str, probes: int, width: int, batch: int, reps: int) -> dict:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch, width)).astype("float32")
     y = rng.integers(0, 10, size=(batch,)).astype("int32")
+    return _measure(model, x, y, mode, reps, warm=32)
+
+
+def _measure(model: Any, x: Any, y: Any, mode: str, reps: int, warm: int) -> dict:
+    import gc
+
+    import keras_actgrad
+
     returned = 0
 
-    def make_call(x: np.ndarray, y: np.ndarray) -> Callable[[], object]:
+    def make_call(x: Any, y: Any) -> Callable[[], object]:
         if mode == "train":
             return lambda: model.train_on_batch(x, y)
         if mode == "actgrad":
@@ -111,7 +149,7 @@ def child(mode: str, probes: int, width: int, batch: int, reps: int) -> dict:
     # allocator (oneDNN's, a BFC pool) keeps what it grew to, so its peak
     # shows in every later call; XLA and PyTorch return freed buffers, so
     # the last call is measured without the new shape's compilation.
-    make_call(x[:32], y[:32])()
+    make_call(x[:warm], y[:warm])()
     gc.collect()
     baseline = _status("VmRSS")
     _reset_peak()
@@ -130,7 +168,10 @@ def child(mode: str, probes: int, width: int, batch: int, reps: int) -> dict:
     return {"peak": peak, "returned": returned, "baseline": baseline}
 
 
-def measure(backend: str, mode: str, probes: int, width: int, batch: int, reps: int) -> dict:
+def measure(
+    backend: str, mode: str, probes: int, width: int, batch: int, reps: int,
+    model: str = "mlp",
+) -> dict:
     env = dict(os.environ)
     env.update(
         KERAS_BACKEND=backend,
@@ -141,7 +182,7 @@ def measure(backend: str, mode: str, probes: int, width: int, batch: int, reps: 
     command = [
         sys.executable, os.path.abspath(__file__), "--child", mode,
         "--probes", str(probes), "--width", str(width), "--batch", str(batch),
-        "--reps", str(reps),
+        "--reps", str(reps), "--model", model,
     ]
     out = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
@@ -159,18 +200,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=2048)
     parser.add_argument("--reps", type=int, default=2, help="calls per measurement")
     parser.add_argument("--quick", action="store_true", help="Dense(512), batch 1024")
+    parser.add_argument(
+        "--model",
+        default="mlp",
+        choices=["mlp", "resnet50", "densenet121"],
+        help="mlp: probes x Dense(width); resnet50 / densenet121: "
+        "keras.applications (weights=None, 64x64 images, insert_probes), "
+        "--batch 32 unless given",
+    )
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.width, args.batch = 512, 1024
     if args.child:
-        print(json.dumps(child(args.child, args.probes[0], args.width, args.batch, args.reps)))
+        print(
+            json.dumps(
+                child(
+                    args.child, args.probes[0], args.width, args.batch, args.reps,
+                    args.model,
+                )
+            )
+        )
         return 0
+    if args.model != "mlp":
+        if args.batch == 2048:
+            args.batch = 32
+        args.probes = [0]
     mb = 1 << 20
     probe_mb = args.width * args.batch * 4 / mb
-    print(
+    described = (
         f"MLP Dense({args.width}) ReLU, batch {args.batch}: {probe_mb:.0f} MB a "
-        f"probe tensor; peak RSS of one call above the warm process, MB "
+        "probe tensor"
+        if args.model == "mlp"
+        else f"{args.model} (64x64, insert_probes), batch {args.batch}"
+    )
+    print(
+        f"{described}; peak RSS of one call above the warm process, MB "
         f"({args.reps} calls a measurement)"
     )
     header = f"{'backend':11} {'probes':>6} " + " ".join(f"{m:>10}" for m in args.modes)
@@ -181,7 +246,10 @@ def main(argv: list[str] | None = None) -> int:
             peaks = {}
             returned = 0
             for mode in args.modes:
-                result = measure(backend, mode, probes, args.width, args.batch, args.reps)
+                result = measure(
+                    backend, mode, probes, args.width, args.batch, args.reps,
+                    args.model,
+                )
                 peaks[mode] = result["peak"] / mb
                 returned = max(returned, result["returned"] / mb)
             line = f"{backend:11} {probes:>6} " + " ".join(

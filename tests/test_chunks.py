@@ -164,3 +164,32 @@ def test_probe_batch_size_errors():
     callback.set_model(model)
     with pytest.raises(ValueError, match="mean_with_sample_weight"):
         callback.on_train_begin()
+
+
+@pytest.mark.parametrize(("loss", "size"), [("model", 32), ("sum", 7), ("model", 100)])
+def test_activation_gradients_in_chunks(loss, size):
+    model = build(activity_regularizer=keras.regularizers.L2(0.1))
+    x, y, weights = data()
+    whole = keras_actgrad.activation_gradients(
+        model, x, y, loss=loss, sample_weight=weights
+    )
+    chunked = keras_actgrad.activation_gradients(
+        model, x, y, loss=loss, sample_weight=weights, probe_batch_size=size
+    )
+    assert list(chunked) == list(whole)
+    for name, result in whole.items():
+        for field in ("activation", "gradient"):
+            expected = getattr(result, field)
+            got = getattr(chunked[name], field)
+            assert got.shape == expected.shape and got.dtype == expected.dtype
+            scale = np.abs(expected).max()
+            np.testing.assert_allclose(
+                got, expected, rtol=1e-5, atol=1e-6 * scale, err_msg=f"{name} {field}"
+            )
+
+
+def test_activation_gradients_probe_batch_size_errors():
+    model = build()
+    x, y, _ = data()
+    with pytest.raises(ValueError, match="Received: probe_batch_size=-1"):
+        keras_actgrad.activation_gradients(model, x, y, probe_batch_size=-1)
