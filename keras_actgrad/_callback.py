@@ -23,7 +23,9 @@ from keras_actgrad._arguments import (
 )
 from keras_actgrad._backends.base import LossSpec, PassConfig
 from keras_actgrad._engine import Batch, ProbeEngine, get_engine
+from keras_actgrad._engine.inputs import batch_size, standardize
 from keras_actgrad._engine.losses import check_loss
+from keras_actgrad._statistics import chunks
 from keras_actgrad._events import history, to_columns
 from keras_actgrad._statistics.statistics import (
     DEFAULT_BINS,
@@ -134,6 +136,15 @@ class ActivationGradientCallback(keras.callbacks.Callback):
             and matplotlib (`pip install "keras-actgrad[report]"`). Off by
             default: drawing costs about 0.1 s per event on a CPU, more
             than a probe pass of a small model. Defaults to `False`.
+        probe_batch_size: Run the probe batch in consecutive chunks of at
+            most this many examples, one pass each, and combine their
+            statistics into the whole batch's (exactly, up to float32
+            rounding: sums, maxima, counts, means, the variance, dead units;
+            each chunk's gradient is scaled by its share of a loss averaged
+            over the batch). Probes 4096 examples on a device that trains
+            256. Needs `histograms=False` and `weight_gradients=False`, and
+            a loss averaged or summed over the batch. `None` runs the batch
+            whole. Defaults to `None`.
 
     Attributes:
         events: List of the recorded probe events, each a dict with keys
@@ -177,6 +188,7 @@ class ActivationGradientCallback(keras.callbacks.Callback):
         vanishing_threshold: float = VANISHING_RATIO,
         exploding_threshold: float = EXPLODING_RATIO,
         profile_images: bool = False,
+        probe_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         self.freq = check_freq(freq)
@@ -262,11 +274,28 @@ class ActivationGradientCallback(keras.callbacks.Callback):
         self.training = bool(training)
         self.vanishing_threshold = float(vanishing_threshold)
         self.exploding_threshold = float(exploding_threshold)
+        if probe_batch_size is not None and not is_positive_int(probe_batch_size):
+            raise ValueError(
+                "`probe_batch_size` must be a positive int (the largest chunk "
+                "of the probe batch run at once) or None (the whole batch). "
+                f"Received: probe_batch_size={probe_batch_size!r}."
+            )
+        if probe_batch_size is not None and (self.histograms or self.weight_gradients):
+            raise ValueError(
+                "`probe_batch_size` combines the chunks' statistics, but not "
+                "histograms (one range for the whole batch) or weight-gradient "
+                "norms (the summed gradients). Pass `histograms=False` and "
+                "`weight_gradients=False`, or `probe_batch_size=None`. Received: "
+                f"probe_batch_size={probe_batch_size!r}, histograms="
+                f"{self.histograms!r}, weight_gradients={self.weight_gradients!r}."
+            )
+        self.probe_batch_size = probe_batch_size
         self._x, self._y, self._sample_weight = first_batch(probe_data)
         computed = set(self.statistics) | {"grad_norm", "nonfinite"}
         self._reducer = StatisticsReducer(
             statistics=tuple(name for name in STATISTICS if name in computed),
             bins=self.histogram_bins if self.histograms else 0,
+            unit_counts=probe_batch_size is not None,
         )
         self.events: list[dict[str, Any]] = []
         self.probe_order: list[str] = []
@@ -279,6 +308,9 @@ class ActivationGradientCallback(keras.callbacks.Callback):
         self._epoch_start_step = 0
         self._epoch = 0
         self._batch: Batch | None = None
+        self._chunks: list[Batch] = []
+        self._chunk_rows: list[int] = []
+        self._mean_loss = True
         self._checked_model: keras.Model | None = None
         self._logs: dict[str, float] = {}  # the last measured `logs` values
         if batch_freq is not None:
@@ -295,8 +327,14 @@ class ActivationGradientCallback(keras.callbacks.Callback):
         # a later `fit` reuses the checked batch and the compiled pass).
         reduced = None
         if self.probe_at_start or self._checked_model is not self.model:
-            self._batch = self._engine.prepare(
-                self._x, self._y, self._sample_weight, self.loss
+            # In chunks, only the chunks move to the device.
+            self._chunks = self._split()
+            self._batch = (
+                self._chunks[0]
+                if self._chunks
+                else self._engine.prepare(
+                    self._x, self._y, self._sample_weight, self.loss
+                )
             )
             reduced = self._probe()
             self._checked_model = self.model
@@ -397,10 +435,39 @@ class ActivationGradientCallback(keras.callbacks.Callback):
             weight_gradients=self.weight_gradients,
             reducer=self._reducer,
         )
+        if self._chunks:
+            results = [engine.run(chunk, config) for chunk in self._chunks]
+            result = results[0]
+            self.probe_order = result.order
+            return chunks.combine(
+                self._reducer,
+                [r.outputs for r in results],
+                self._chunk_rows,
+                result.reached,
+                self._mean_loss,
+            )
         result = engine.run(batch, config)
         # Probes the forward pass never reached go last (NaN statistics).
         self.probe_order = result.order
         return self._reducer.unpack(result.outputs, result.reached, result.weight_paths)
+
+    def _split(self) -> list[Batch]:
+        """The probe batch's chunks of `probe_batch_size` (none: run it whole)."""
+        total = batch_size(standardize(self._x))
+        size = self.probe_batch_size
+        if size is None or total is None:
+            return []
+        self._mean_loss = chunks.averaged(self.model, self.loss)
+        assert self._engine is not None
+        parts = [
+            chunks.split(standardize(data), size, total)
+            for data in (self._x, self._y, self._sample_weight)
+        ]
+        self._chunk_rows = [min(size, total - start) for start in range(0, total, size)]
+        return [
+            self._engine.prepare(x, y, sample_weight, self.loss)
+            for x, y, sample_weight in zip(*parts, strict=True)
+        ]
 
     def _record(
         self, kind: str, epoch: int | None, step: int, reduced: Reduced

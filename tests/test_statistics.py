@@ -379,11 +379,11 @@ def test_row_blocks():
 
     assert row_blocks(tf.TensorShape([600, 256])) == [256, 256, 88]
     assert row_blocks(tf.TensorShape([512, 512])) == [128] * 4
-    # At most 16 blocks: 4096 entries a row would give 32 blocks of 16 rows.
-    assert row_blocks(tf.TensorShape([512, 8, 8, 64])) == [32] * 16
+    # At most 4 blocks: 4096 entries a row would give 32 blocks of 16 rows.
+    assert row_blocks(tf.TensorShape([512, 8, 8, 64])) == [128] * 4
     # Every block but the last is a multiple of 16 rows (64-byte aligned).
     sizes = row_blocks(tf.TensorShape([100000, 8]))
-    assert sum(sizes) == 100000 and len(sizes) <= 16
+    assert sum(sizes) == 100000 and len(sizes) <= 4
     assert all(n % 16 == 0 for n in sizes[:-1])
     for shape in ([64, 256], [16, 100000], [None, 512], [1 << 20]):
         assert row_blocks(tf.TensorShape(shape)) is None, shape

@@ -143,12 +143,12 @@ class TensorFlowAdapter:
             weight_gradients = {
                 v.path: g for v, g in zip(variables, grads[len(handles) :], strict=True)
             }
-            # The reductions start once the backward pass is done: run
-            # between its matrix products, they compete for the cores and
-            # the cache (a few percent slower, measured).
-            done = [g for g in grads if g is not None] + [loss]
-            with tf.control_dependencies(done):
-                return config.reducer(activations, gradients, weight_gradients, loss)
+            # No control dependency on the whole backward pass: each probe's
+            # reductions run as soon as its gradient exists, which then dies,
+            # instead of every probe's gradient staying alive until the
+            # backward pass ends (one more copy of all probe tensors at the
+            # peak; benchmarks/bench_memory.py).
+            return config.reducer(activations, gradients, weight_gradients, loss)
 
         function = tf.function(step)
 

@@ -253,12 +253,27 @@ class ProbeEngine:
         )
 
     def _to_numpy(self, value: Any) -> Any:
+        """The pass's output as NumPy, releasing each tensor once converted.
+
+        The output's dicts and lists are the pass's own (built by each
+        call), so they are emptied as their tensors are converted: a host
+        copy (TensorFlow's `.numpy()` copies) and the device tensor are
+        alive together for one tensor at a time, not for all of them
+        (`activation_gradients` of 24 probes of 8 MB: 776 -> 4xx MB peak
+        above the warm process, benchmarks/bench_memory.py).
+        """
         if value is None:
             return None
         if isinstance(value, dict):
-            return {key: self._to_numpy(item) for key, item in value.items()}
-        if isinstance(value, (list, tuple)):
-            return type(value)(self._to_numpy(item) for item in value)
+            return {key: self._to_numpy(value.pop(key)) for key in list(value)}
+        if isinstance(value, list):
+            items = []
+            value.reverse()
+            while value:
+                items.append(self._to_numpy(value.pop()))
+            return items
+        if isinstance(value, tuple):
+            return tuple(self._to_numpy(item) for item in value)
         return self._adapter.to_numpy(value)
 
     def _warn_about_probes(

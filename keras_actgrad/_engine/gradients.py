@@ -11,6 +11,7 @@ import numpy as np
 
 from keras_actgrad._backends.base import LossSpec, PassConfig, Tensor
 from keras_actgrad._engine.engine import get_engine
+from keras_actgrad._engine.inputs import batch_size, standardize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +65,7 @@ def activation_gradients(
     loss: LossSpec = "model",
     sample_weight: Any = None,
     training: bool = False,
+    probe_batch_size: int | None = None,
 ) -> dict[str, ActivationGradient]:
     """Every probe's activation and the gradient of the loss with respect to it.
 
@@ -86,6 +88,15 @@ def activation_gradients(
         training: Whether layers run in training mode (Dropout on,
             BatchNormalization on batch statistics). State updates are
             discarded either way. Defaults to `False`.
+        probe_batch_size: Run the batch in consecutive chunks of at most
+            this many examples, one pass each, and assemble the arrays: the
+            device holds one chunk's pass at a time. Each chunk's gradient
+            is scaled by its share of a loss averaged over the batch, so the
+            result equals the whole batch's up to float32 rounding (needs a
+            loss averaged or summed over the batch, and `training=False`
+            for layers whose output depends on the batch, such as
+            BatchNormalization). `None` runs the batch whole. Defaults to
+            `None`.
 
     Returns:
         A dict from probe name to `ActivationGradient`, in the order the
@@ -112,9 +123,15 @@ def activation_gradients(
         weight_gradients=False,
         reducer=Unreduced(),
     )
+    if probe_batch_size is not None:
+        return _in_chunks(engine, x, y, sample_weight, config, probe_batch_size)
     result = engine.run(engine.prepare(x, y, sample_weight, loss), config)
-    activations = result.outputs["activations"]
-    gradients = result.outputs["gradients"]
+    return _results(result, result.outputs)
+
+
+def _results(result: Any, outputs: Any) -> dict[str, ActivationGradient]:
+    activations = outputs["activations"]
+    gradients = outputs["gradients"]
     results: dict[str, ActivationGradient] = {}
     for name in result.reached:
         gradient = gradients.get(name)
@@ -125,3 +142,51 @@ def activation_gradients(
     for name in result.unreached:
         results[name] = ActivationGradient(activation=None, gradient=None)
     return results
+
+
+def _in_chunks(
+    engine: Any, x: Any, y: Any, sample_weight: Any, config: PassConfig, size: Any
+) -> dict[str, ActivationGradient]:
+    """`activation_gradients` over consecutive chunks of `size` examples.
+
+    The arrays are written into preallocated whole-batch arrays as each
+    chunk arrives (no list of chunks to concatenate: that would hold the
+    result twice).
+    """
+    from keras_actgrad._statistics import chunks
+
+    if not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
+        raise ValueError(
+            "`probe_batch_size` must be a positive int (the largest chunk of "
+            "the batch run at once) or None (the whole batch). "
+            f"Received: probe_batch_size={size!r}."
+        )
+    x, y, sample_weight = standardize(x), standardize(y), standardize(sample_weight)
+    total = batch_size(x)
+    if total is None or total <= size:
+        result = engine.run(engine.prepare(x, y, sample_weight, config.loss), config)
+        return _results(result, result.outputs)
+    mean_loss = chunks.averaged(engine.model, config.loss)
+    parts = [chunks.split(data, size, total) for data in (x, y, sample_weight)]
+    whole: dict[str, dict[str, Any]] = {"activations": {}, "gradients": {}}
+    result = None
+    start = 0
+    for cx, cy, cw in zip(*parts, strict=True):
+        result = engine.run(engine.prepare(cx, cy, cw, config.loss), config)
+        rows = batch_size(cx) or 0
+        share = rows / total if mean_loss else 1.0
+        for kind in ("activations", "gradients"):
+            for name, array in result.outputs[kind].items():
+                if array is None:
+                    whole[kind][name] = None
+                    continue
+                if kind == "gradients" and share != 1.0:
+                    array = (array * np.asarray(share, array.dtype)).astype(array.dtype)
+                if name not in whole[kind]:
+                    whole[kind][name] = np.empty(
+                        (total, *array.shape[1:]), dtype=array.dtype
+                    )
+                whole[kind][name][start : start + rows] = array
+        start += rows
+    assert result is not None
+    return _results(result, whole)

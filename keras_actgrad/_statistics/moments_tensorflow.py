@@ -25,14 +25,12 @@ from keras_actgrad._statistics.moments import Moments, histogram
 # keeps every block 64-byte aligned (TensorFlow copies unaligned splits).
 _BLOCK_ENTRIES = 1 << 16
 _BLOCK_ROWS_MULTIPLE = 16
-_MAX_BLOCKS = 16
-# Moments combined across blocks by a sum and by a maximum; the means and
-# `a_std`, `a_dead`, `a_units` are combined in `TensorFlowMoments.row`.
-_ADDITIVE = frozenset(
-    ["g_size", "g_sum", "g_sum_sq", "g_abs_sum", "g_nonzero", "g_nonfinite"]
-    + ["a_size", "a_nonzero"]
-)
-_MAXIMA = frozenset(["g_abs_max", "g_sample_norm_max"])
+# At most 4 blocks a probe (enough to keep a few inter-op threads busy): each
+# block adds its ops to the traced graph, which TensorFlow keeps for the
+# whole run; with 24 probes of 2048 x 1024, 16 blocks made a probe event's
+# peak 573 MB above the warm process, 4 blocks 465 MB, none 335 MB (a
+# training step: 240-290 MB; benchmarks/bench_memory.py, indicative).
+_MAX_BLOCKS = 4
 
 
 def row_blocks(shape: tf.TensorShape) -> list[int] | None:
@@ -174,55 +172,135 @@ class TensorFlowMoments(Moments):
     def row(self, moments: Any) -> Any:
         """The moments as one vector, reduced in row blocks when large.
 
-        Each block is reduced as a whole tensor (with its own exact paths
-        for non-finite values) and the blocks' moments are combined: sums
-        and maxima, means weighted by the blocks' sizes, the variance by
-        Chan et al.'s pairwise formula (each block's centred sum of squares
-        plus its size times its mean's squared distance to the overall
-        mean), dead units from the summed per-unit nonzero counts.
+        The blocks are reduced without a branch (each `tf.cond` adds two
+        functions to the graph: per block, hundreds of probes made the
+        traced graph take gigabytes, see `_FiniteBlocks`), assuming finite
+        tensors; one `tf.cond` per probe takes the whole-tensor exact path
+        when a tensor holds a non-finite value.
         """
         sizes = None if self.g is None else row_blocks(self.a.shape)
         if sizes is None or self.g.shape != self.a.shape:
             return super().row(moments)
-        blocks = [
-            TensorFlowMoments(a, g)
-            for a, g in zip(
-                tf.split(self.a, sizes), tf.split(self.g, sizes), strict=True
+        blocks = _FiniteBlocks(tf.split(self.a, sizes), tf.split(self.g, sizes))
+        fast = tf.stack([blocks.moment(name) for name in moments])
+        checks = []
+        if any(name.startswith("g_") for name in moments):
+            checks.append(tf.math.is_finite(blocks.moment("g_sum_sq")))
+        if any(name.startswith("a_") for name in moments):
+            checks.append(tf.math.is_finite(blocks.moment("a_sum")))
+        if not checks:
+            return fast
+        return tf.cond(
+            tf.reduce_all(tf.stack(checks)),
+            lambda: fast,
+            lambda: Moments.row(TensorFlowMoments(self.a, self.g), moments),
+        )
+
+
+class _FiniteBlocks:
+    """The moments of a probe from its row blocks, for finite tensors only.
+
+    Sums and counts add over the blocks, maxima take the maximum, the
+    per-example gradient norms are concatenated, the per-unit nonzero
+    counts add. No branch: the graph grows by a few ops per block, where
+    per-block `TensorFlowMoments` (five `tf.cond` each) made TensorFlow's
+    trace of a 24-probe event take 1.7 GB more than the pass itself
+    (benchmarks/bench_memory.py). `a_std` is one pass from the raw moments
+    while |mean| <= 2 std (see `TensorFlowMoments.a_std`), else the
+    corrected two-pass form over the blocks: one `tf.cond` per probe.
+    """
+
+    def __init__(self, a_blocks: list[Any], g_blocks: list[Any]) -> None:
+        self.a_blocks = a_blocks
+        self.g_blocks = g_blocks
+        self.a_entries = float(sum(int(np.prod(b.shape)) for b in a_blocks))
+        self.g_entries = float(sum(int(np.prod(b.shape)) for b in g_blocks))
+        self._cache: dict[str, Any] = {}
+
+    def _sum(self, parts: list[Any]) -> Any:
+        return tf.add_n(parts) if len(parts) > 1 else parts[0]
+
+    def _abs_g(self) -> list[Any]:
+        if "_abs_g" not in self._cache:
+            self._cache["_abs_g"] = [tf.abs(b) for b in self.g_blocks]
+        return self._cache["_abs_g"]  # type: ignore[no-any-return]
+
+    def _sample_norms(self) -> Any:
+        return self.moment("_sample_norms")
+
+    def _compute(self, name: str) -> Any:
+        if name == "_sample_norms":
+            rank = self.g_blocks[0].shape.rank
+            return tf.concat(
+                [
+                    tf.math.reduce_euclidean_norm(b, axis=list(range(1, rank)))
+                    for b in self.g_blocks
+                ],
+                0,
             )
-        ]
-        # Block weights: rows (every row holds the same number of entries).
-        weights = [float(n) for n in sizes]
-        total = float(sum(sizes))
+        if name == "g_size":
+            return tf.constant(self.g_entries, tf.float32)
+        if name == "a_size":
+            return tf.constant(self.a_entries, tf.float32)
+        if name == "g_sum":
+            return self._sum([tf.reduce_sum(b) for b in self.g_blocks])
+        if name == "g_sum_sq":
+            return tf.reduce_sum(tf.square(self._sample_norms()))
+        if name == "g_abs_sum":
+            return self._sum([tf.reduce_sum(b) for b in self._abs_g()])
+        if name == "g_abs_max":
+            return tf.reduce_max(tf.stack([tf.reduce_max(b) for b in self._abs_g()]))
+        if name == "g_nonzero":
+            return self._sum([tf.reduce_sum(tf.sign(b)) for b in self._abs_g()])
+        if name == "g_nonfinite":
+            return tf.constant(0.0, tf.float32)
+        if name == "g_sample_norm_mean":
+            return tf.reduce_mean(self._sample_norms())
+        if name == "g_sample_norm_max":
+            return tf.reduce_max(self._sample_norms())
+        if name == "a_sum":
+            return self._sum([tf.reduce_sum(b) for b in self.a_blocks])
+        if name == "a_mean":
+            return self.moment("a_sum") / self.a_entries
+        if name == "a_std":
+            return self._a_std()
+        if name == "_unit_counts":
+            axes = list(range(self.a_blocks[0].shape.rank - 1))
+            return self._sum(
+                [tf.reduce_sum(tf.sign(tf.abs(b)), axis=axes) for b in self.a_blocks]
+            )
+        if name == "a_nonzero":
+            return tf.reduce_sum(self.moment("_unit_counts"))
+        if name == "a_dead":
+            counts = self.moment("_unit_counts")
+            return tf.reduce_sum(tf.cast(tf.equal(counts, 0.0), tf.float32))
+        if name == "a_units":
+            return tf.constant(float(self.a_blocks[0].shape[-1]), tf.float32)
+        raise ValueError(f"Internal error: no block moment {name!r}.")
 
-        def weighted_mean(name: str) -> Any:
-            parts = [b.moment(name) * w for b, w in zip(blocks, weights, strict=True)]
-            return tf.add_n(parts) / total
+    def _a_std(self) -> Any:
+        size = self.a_entries
+        mean = self.moment("a_mean")
+        squares = self._sum(
+            [tf.square(tf.math.reduce_euclidean_norm(b)) for b in self.a_blocks]
+        )
+        variance = squares / size - tf.square(mean)
 
-        def combine(name: str) -> Any:
-            if name in _ADDITIVE:
-                return tf.add_n([b.moment(name) for b in blocks])
-            if name in _MAXIMA:
-                # NaN if a block's is NaN: TensorFlow's max propagates NaN.
-                return tf.reduce_max(tf.stack([b.moment(name) for b in blocks]))
-            if name in ("g_sample_norm_mean", "a_mean"):
-                return weighted_mean(name)
-            if name == "a_std":
-                mean = value("a_mean")
-                spread = [
-                    w * tf.square(b.moment("a_std"))
-                    + w * tf.square(b.moment("a_mean") - mean)
-                    for b, w in zip(blocks, weights, strict=True)
-                ]
-                return tf.sqrt(tf.add_n(spread) / total)
-            if name in ("a_dead", "a_units"):
-                counts = tf.add_n([b._unit_counts() for b in blocks])
-                self._cache["_unit_counts"] = counts
-                return super(TensorFlowMoments, self).moment(name)
-            raise ValueError(f"Internal error: no block combination for {name!r}.")
+        def two_pass() -> Any:
+            centred = [b - mean for b in self.a_blocks]
+            centred_sq = self._sum(
+                [tf.square(tf.math.reduce_euclidean_norm(c)) for c in centred]
+            )
+            shift = self._sum([tf.reduce_sum(c) for c in centred]) / size
+            return tf.sqrt(tf.maximum(centred_sq / size - tf.square(shift), 0.0))
 
-        def value(name: str) -> Any:
-            if name not in self._cache:
-                self._cache[name] = combine(name)
-            return self._cache[name]
+        return tf.cond(
+            tf.square(mean) <= 4.0 * variance,
+            lambda: tf.sqrt(tf.maximum(variance, 0.0)),
+            two_pass,
+        )
 
-        return tf.stack([tf.cast(value(name), tf.float32) for name in moments])
+    def moment(self, name: str) -> Any:
+        if name not in self._cache:
+            self._cache[name] = tf.cast(self._compute(name), tf.float32)
+        return self._cache[name]
