@@ -25,6 +25,7 @@ from keras_actgrad._backends.base import LossSpec, PassConfig
 from keras_actgrad._engine import Batch, ProbeEngine, get_engine
 from keras_actgrad._engine.losses import check_loss
 from keras_actgrad._events import history, to_columns
+from keras_actgrad._layers import Layers, Site, select_layers
 from keras_actgrad._statistics.statistics import (
     DEFAULT_BINS,
     STATISTICS,
@@ -119,6 +120,11 @@ class ActivationGradientCallback(keras.callbacks.Callback):
             and matplotlib (`pip install "keras-actgrad[report]"`). Off by
             default: drawing costs about 0.1 s per event on a CPU, more
             than a probe pass of a small model. Defaults to `False`.
+        layers: Measure at the outputs of these layers, in place, instead
+            of at the model's probes (the model is left as it was): names
+            or paths, globs on paths, classes, layer objects or a predicate,
+            as `activation_gradients` takes them. Checked when training
+            starts. `None` (the default) uses the model's `GradientProbe`s.
 
     Attributes:
         events: List of the recorded probe events, each a dict with keys
@@ -162,8 +168,11 @@ class ActivationGradientCallback(keras.callbacks.Callback):
         vanishing_threshold: float = VANISHING_RATIO,
         exploding_threshold: float = EXPLODING_RATIO,
         profile_images: bool = False,
+        layers: Layers | None = None,
     ) -> None:
         super().__init__()
+        self.layers = layers
+        self._sites: tuple[Site, ...] = ()
         self.freq = check_freq(freq)
         if batch_freq is not None and not is_positive_int(batch_freq):
             raise ValueError(
@@ -277,6 +286,8 @@ class ActivationGradientCallback(keras.callbacks.Callback):
         # a later `fit` reuses the checked batch and the compiled pass).
         reduced = None
         if self.probe_at_start or self._checked_model is not self.model:
+            if self.layers is not None:
+                self._sites = select_layers(self.model, self.layers)
             self._batch = self._engine.prepare(
                 self._x, self._y, self._sample_weight, self.loss
             )
@@ -364,6 +375,7 @@ class ActivationGradientCallback(keras.callbacks.Callback):
             training=self.training,
             weight_gradients=self.weight_gradients,
             reducer=self._reducer,
+            sites=self._sites,
         )
         result = engine.run(batch, config)
         # Probes the forward pass never reached go last (NaN statistics).
