@@ -82,7 +82,10 @@ def reference(
         import jax.numpy as jnp
 
         zeros = {k: jnp.zeros(s) for k, s in shapes.items()}
-        grads = jax.grad(lambda z: _run(model, x, y, loss, layers, z)[0])(zeros)
+        # Jitted: Keras ops run eagerly one by one are slow on JAX.
+        grads = jax.jit(jax.grad(lambda z: _run(model, x, y, loss, layers, z)[0]))(
+            zeros
+        )
     else:
         import torch
 
