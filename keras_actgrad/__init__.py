@@ -2,6 +2,7 @@
 
 from keras_actgrad._callback import ActivationGradientCallback
 from keras_actgrad._engine import ActivationGradient, activation_gradients
+from keras_actgrad._layers import attention_layers, mlp_layers, transformer_blocks
 from keras_actgrad._probe import (
     GradientProbe,
     ProbedModel,
@@ -20,9 +21,12 @@ __all__ = [
     "ProbedModel",
     "Report",
     "activation_gradients",
+    "attention_layers",
     "find_probes",
     "insert_probes",
     "load_report",
+    "mlp_layers",
     "strip_probes",
+    "transformer_blocks",
     "__version__",
 ]

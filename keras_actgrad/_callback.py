@@ -27,6 +27,7 @@ from keras_actgrad._engine.inputs import batch_size, standardize
 from keras_actgrad._engine.losses import check_loss
 from keras_actgrad._statistics import chunks
 from keras_actgrad._events import history, to_columns
+from keras_actgrad._layers import Layers, Site, select_layers
 from keras_actgrad._statistics.statistics import (
     DEFAULT_BINS,
     STATISTICS,
@@ -145,6 +146,11 @@ class ActivationGradientCallback(keras.callbacks.Callback):
             256. Needs `histograms=False` and `weight_gradients=False`, and
             a loss averaged or summed over the batch. `None` runs the batch
             whole. Defaults to `None`.
+        layers: Measure at the outputs of these layers, in place, instead
+            of at the model's probes (the model is left as it was): names
+            or paths, globs on paths, classes, layer objects or a predicate,
+            as `activation_gradients` takes them. Checked when training
+            starts. `None` (the default) uses the model's `GradientProbe`s.
 
     Attributes:
         events: List of the recorded probe events, each a dict with keys
@@ -189,8 +195,11 @@ class ActivationGradientCallback(keras.callbacks.Callback):
         exploding_threshold: float = EXPLODING_RATIO,
         profile_images: bool = False,
         probe_batch_size: int | None = None,
+        layers: Layers | None = None,
     ) -> None:
         super().__init__()
+        self.layers = layers
+        self._sites: tuple[Site, ...] = ()
         self.freq = check_freq(freq)
         if batch_freq is not None and not is_positive_int(batch_freq):
             raise ValueError(
@@ -327,6 +336,8 @@ class ActivationGradientCallback(keras.callbacks.Callback):
         # a later `fit` reuses the checked batch and the compiled pass).
         reduced = None
         if self.probe_at_start or self._checked_model is not self.model:
+            if self.layers is not None:
+                self._sites = select_layers(self.model, self.layers)
             # In chunks, only the chunks move to the device.
             self._chunks = self._split()
             self._batch = (
@@ -434,6 +445,7 @@ class ActivationGradientCallback(keras.callbacks.Callback):
             training=self.training,
             weight_gradients=self.weight_gradients,
             reducer=self._reducer,
+            sites=self._sites,
         )
         if self._chunks:
             results = [engine.run(chunk, config) for chunk in self._chunks]

@@ -211,7 +211,11 @@ def _has_weights(layer: keras.layers.Layer) -> bool:
 
 def _selector(layers: LayerSelector, model: keras.Model) -> Callable[[Any], bool]:
     if layers is None:
-        return lambda layer: _has_weights(layer) and not _is_graph_model(layer)
+        return lambda layer: (
+            isinstance(layer, keras.layers.Layer)
+            and _has_weights(layer)
+            and not _is_graph_model(layer)
+        )
     if callable(layers) and not isinstance(layers, type):
         return layers
     items = [layers] if isinstance(layers, (str, type)) else list(layers)
@@ -323,6 +327,10 @@ def _rebuild(
         return keras.Sequential([inputs, *new_layers], name=model.name)
 
     def call_function(layer: keras.layers.Layer, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(layer, keras.layers.Layer):
+            # A Keras operation as a graph node (`x + y`, `x[..., 0]`,
+            # `ops.multiply`): no weights, no probe; it passes through.
+            return layer(*args, **kwargs)
         if skip(layer):
             return args[0]
         outputs = layer(*args, **kwargs)

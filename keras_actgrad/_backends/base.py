@@ -19,6 +19,7 @@ import keras
 import numpy as np
 
 from keras_actgrad._context import tapping
+from keras_actgrad._layers import Site, selection_key, tapping_layers
 from keras_actgrad._statistics.moments import Moments
 
 Tensor: TypeAlias = Any
@@ -106,6 +107,8 @@ class PassConfig:
     training: bool
     weight_gradients: bool
     reducer: Reducer
+    # Layers measured in place (`layers=`); empty: the model's probes.
+    sites: tuple[Site, ...] = ()
 
     @property
     def key(self) -> Hashable:
@@ -114,6 +117,7 @@ class PassConfig:
             self.training,
             self.weight_gradients,
             self.reducer.key,
+            selection_key(self.sites),
         )
 
 
@@ -159,10 +163,21 @@ def probe_scope(model: keras.Model) -> keras.StatelessScope:
 
 
 def forward(
-    model: keras.Model, x: Any, training: bool, tap: Callable[[Any, Any], Any]
+    model: keras.Model,
+    x: Any,
+    training: bool,
+    tap: Callable[[Any, Any], Any],
+    sites: tuple[Site, ...] = (),
 ) -> Any:
-    """The model's forward pass with its taps recorded (call inside a scope)."""
-    with tapping(tap):
+    """The model's forward pass with its taps recorded (call inside a scope).
+
+    The taps are the model's `GradientProbe`s, or, if `sites` are given,
+    the outputs of those layers only (the probes then pass through).
+    """
+    if not sites:
+        with tapping(tap):
+            return model(x, training=training)
+    with tapping_layers(sites, tap):
         return model(x, training=training)
 
 

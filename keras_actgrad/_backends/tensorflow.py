@@ -124,7 +124,9 @@ class TensorFlowAdapter:
                 watch_accessed_variables=config.weight_gradients, persistent=True
             ) as tape:
                 with probe_scope(model):
-                    y_pred = forward(model, x, config.training, recorder.tap)
+                    y_pred = forward(
+                        model, x, config.training, recorder.tap, config.sites
+                    )
                     loss = tf.cast(loss_fn(x, y, y_pred, sample_weight), tf.float32)
             on_trace(tapped)
             handles = [t.handle for t in tapped if t.differentiable]

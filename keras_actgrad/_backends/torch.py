@@ -123,7 +123,9 @@ class TorchAdapter:
             # so the probe pass leaves the training's random stream untouched.
             with torch.random.fork_rng(devices=_cuda_devices()), torch.enable_grad():
                 with probe_scope(model):
-                    y_pred = forward(model, x, config.training, recorder.tap)
+                    y_pred = forward(
+                        model, x, config.training, recorder.tap, config.sites
+                    )
                     loss = loss_fn(x, y, y_pred, sample_weight)
                     loss = keras.ops.cast(loss, "float32")
                 handles = [t.handle for t in tapped if t.differentiable]

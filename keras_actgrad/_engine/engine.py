@@ -34,6 +34,7 @@ from keras_actgrad._engine.inputs import (
     standardize,
 )
 from keras_actgrad._engine.losses import needs_labels, resolve_loss
+from keras_actgrad._layers import reached as reached_site
 from keras_actgrad._probe import GradientProbe, find_probes
 
 # Compiled passes kept per model (least recently used dropped).
@@ -81,8 +82,14 @@ class PassResult:
         return self.reached + self.unreached
 
 
-def check_model(model: keras.Model, loss: LossSpec, y: Any) -> list[GradientProbe]:
-    """Checks what a pass needs of the model; returns its probes."""
+def check_model(
+    model: keras.Model, loss: LossSpec, y: Any, in_place: bool = False
+) -> list[GradientProbe]:
+    """Checks what a pass needs of the model; returns its probes.
+
+    With `in_place` (layers measured in place), probes are neither needed
+    nor returned.
+    """
     if not isinstance(model, keras.Model):
         raise TypeError(
             "Expected a `keras.Model`. "
@@ -95,11 +102,13 @@ def check_model(model: keras.Model, loss: LossSpec, y: Any) -> list[GradientProb
             "(`keras.Input(...)`), call it on a batch, or call `model.build(...)`. "
             f"Received: model '{model.name}' with built=False."
         )
-    probes = find_probes(model)
-    if not probes:
+    probes = [] if in_place else find_probes(model)
+    if not probes and not in_place:
         raise ValueError(
-            f"No `GradientProbe` found in model '{model.name}'. Add probes with "
-            "`model = keras_actgrad.insert_probes(model)` or place "
+            f"No `GradientProbe` found in model '{model.name}'. Measure layers "
+            "in place with `layers=` (e.g. `layers=keras.layers.Dense` or "
+            "`layers='transformer_layer_*'`), add probes with "
+            "`model = keras_actgrad.insert_probes(model)`, or place "
             "`keras_actgrad.GradientProbe()` layers yourself. Received: model "
             f"with {len(model.layers)} layers, 0 probes."
         )
@@ -212,7 +221,7 @@ class ProbeEngine:
     def run(self, batch: Batch, config: PassConfig) -> PassResult:
         """Runs one pass over a prepared batch."""
         model = self.model
-        probes = check_model(model, config.loss, batch.y)
+        probes = check_model(model, config.loss, batch.y, bool(config.sites))
         function = self.function(config)
         try:
             output = function(batch.x, batch.y, batch.sample_weight)
@@ -237,8 +246,15 @@ class ProbeEngine:
         # subclassed model's `call` may branch on `training`), so they are
         # those of this configuration's trace.
         reached, differentiable = self._traced.get(config.key, ([], {}))
-        unreached = [p.name for p in probes if p.name not in set(reached)]
-        self._warn_about_probes(model, unreached, differentiable)
+        if config.sites:
+            unreached = [
+                site.name
+                for site in config.sites
+                if not reached_site(site.name, reached)
+            ]
+        else:
+            unreached = [p.name for p in probes if p.name not in set(reached)]
+        self._warn_about_probes(model, unreached, differentiable, bool(config.sites))
         weight_paths = (
             list(dict.fromkeys(v.path for v in model.trainable_variables))
             if config.weight_gradients
@@ -277,13 +293,18 @@ class ProbeEngine:
         return self._adapter.to_numpy(value)
 
     def _warn_about_probes(
-        self, model: keras.Model, unreached: list[str], differentiable: dict[str, bool]
+        self,
+        model: keras.Model,
+        unreached: list[str],
+        differentiable: dict[str, bool],
+        in_place: bool = False,
     ) -> None:
+        what = "Layer" if in_place else "GradientProbe"
         for name in unreached:
             if name not in self._warned:
                 self._warned.add(name)
                 warnings.warn(
-                    f"GradientProbe '{name}' of model '{model.name}' was not "
+                    f"{what} '{name}' of model '{model.name}' was not "
                     "reached by the forward pass, so it has no activation or "
                     "gradient. Check that it is called in the model's forward "
                     "computation.",
@@ -292,12 +313,17 @@ class ProbeEngine:
         for name, ok in differentiable.items():
             if not ok and name not in self._warned:
                 self._warned.add(name)
+                fix = (
+                    "Select a floating-point layer instead (e.g. the Embedding)."
+                    if in_place
+                    else "Move the probe after a floating-point layer (e.g. after "
+                    "the Embedding)."
+                )
                 warnings.warn(
-                    f"GradientProbe '{name}' of model '{model.name}' sees a tensor "
+                    f"{what} '{name}' of model '{model.name}' outputs a tensor "
                     "that is not floating point (e.g. token ids), so the loss has "
-                    "no gradient with respect to it; its gradient is reported as "
-                    "None. Move the probe after a floating-point layer (e.g. after "
-                    "the Embedding).",
+                    f"no gradient with respect to it; its gradient is reported as "
+                    f"None. {fix}",
                     stacklevel=4,
                 )
 

@@ -12,6 +12,7 @@ import numpy as np
 from keras_actgrad._backends.base import LossSpec, PassConfig, Tensor
 from keras_actgrad._engine.engine import get_engine
 from keras_actgrad._engine.inputs import batch_size, standardize
+from keras_actgrad._layers import Layers, select_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +67,7 @@ def activation_gradients(
     sample_weight: Any = None,
     training: bool = False,
     probe_batch_size: int | None = None,
+    layers: Layers | None = None,
 ) -> dict[str, ActivationGradient]:
     """Every probe's activation and the gradient of the loss with respect to it.
 
@@ -76,7 +78,8 @@ def activation_gradients(
     statistic, optimizer slot or random-generator state moves.
 
     Args:
-        model: A built Keras model with `GradientProbe` layers.
+        model: A built Keras model: with `GradientProbe` layers, or any
+            model with `layers=`.
         x: Inputs, as `fit` takes them: an array, a list or a dict of arrays.
         y: Labels, as `fit` takes them. Needed unless `loss="sum"` or `loss`
             is a plain function that ignores `y_true` (it then gets `None`).
@@ -97,6 +100,18 @@ def activation_gradients(
             for layers whose output depends on the batch, such as
             BatchNormalization). `None` runs the batch whole. Defaults to
             `None`.
+        layers: Measure at the outputs of these layers, in place, instead
+            of at the model's probes: a layer name or path (`layer.path`,
+            e.g. `"transformer_layer_0/self_attention/query"`), a glob on
+            paths (`"transformer_layer_*"`, `"*/self_attention/query"`;
+            `*` stays within a path segment, `**` crosses segments), a
+            layer class, a layer object, a predicate `layer -> bool`, or a
+            list of these. Sublayers at any depth count (inside custom
+            layers, KerasHub blocks, subclassed models). Results are keyed
+            by path (`path@1` for a second call of the same layer,
+            `path:<i>` for each output of a layer with several). The model
+            is left exactly as it was. `None` (the default) measures at the
+            model's `GradientProbe`s.
 
     Returns:
         A dict from probe name to `ActivationGradient`, in the order the
@@ -106,7 +121,8 @@ def activation_gradients(
     Raises:
         ValueError: for a model without probes, an unbuilt or uncompiled
             model (with `loss="model"`), missing labels, inputs of the wrong
-            shape, an empty batch, or an unknown loss.
+            shape, an empty batch, an unknown loss, or a `layers` item that
+            selects no layer (the message lists close matches).
 
     Example:
 
@@ -122,6 +138,7 @@ def activation_gradients(
         training=bool(training),
         weight_gradients=False,
         reducer=Unreduced(),
+        sites=() if layers is None else select_layers(model, layers),
     )
     if probe_batch_size is not None:
         return _in_chunks(engine, x, y, sample_weight, config, probe_batch_size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,20 @@ def _accepts_training(fn: Callable[..., Any]) -> bool:
         return False
 
 
+def loss_name(function: Callable[..., Any]) -> str:
+    """A name for a loss callable that TensorFlow accepts as a scope name.
+
+    A `Loss` opens a name scope named after itself, and TensorFlow rejects
+    `<lambda>` (`'<lambda>' is not a valid root scope name`): characters
+    other than letters, digits, `_`, `.` and `-` become `_`, and leading
+    `_`, `.`, `-` are dropped. A `functools.partial` or a callable object
+    is named after its type.
+    """
+    name = getattr(function, "__name__", None) or type(function).__name__
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(name)).lstrip("_.-")
+    return name or "loss"
+
+
 class _FunctionLoss(keras.losses.Loss):
     """A loss function as a `keras.losses.Loss`: sample weights, reduction.
 
@@ -27,7 +42,7 @@ class _FunctionLoss(keras.losses.Loss):
     """
 
     def __init__(self, function: Callable[..., Any]) -> None:
-        super().__init__(name=getattr(function, "__name__", "loss"))
+        super().__init__(name=loss_name(function))
         self.function = function
 
     def call(self, y_true: Any, y_pred: Any) -> Any:

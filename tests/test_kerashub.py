@@ -1,0 +1,183 @@
+"""KerasHub models measured in place: backbones, their blocks and
+sublayers, two tasks, the callback inside `fit`; the models left as they
+were (`generate()`, `save`/`load`, predictions bit-identical).
+
+Small random configs (no download). Reference: `tests/inplace_reference.py`.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import keras_actgrad
+from keras_actgrad._layers import select_layers
+from tests.inplace_reference import check, reference
+
+keras_hub = pytest.importorskip("keras_hub")
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:keras_hub.*")
+
+VOCABULARY, LENGTH = 50, 8
+
+
+def _tokens(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(1, VOCABULARY, size=(2, LENGTH)).astype("int32")
+
+
+def _text(**extra: np.ndarray) -> dict[str, np.ndarray]:
+    return {
+        "token_ids": _tokens(),
+        "padding_mask": np.ones((2, LENGTH), "int32"),
+        **extra,
+    }
+
+
+def _backbone(name: str):
+    models = keras_hub.models
+    small = dict(
+        vocabulary_size=VOCABULARY, num_layers=2, hidden_dim=16, intermediate_dim=32
+    )
+    if name == "bert":
+        model = models.BertBackbone(num_heads=2, max_sequence_length=LENGTH, **small)
+        return model, _text(segment_ids=np.zeros((2, LENGTH), "int32"))
+    if name == "gpt2":
+        return models.GPT2Backbone(
+            num_heads=2, max_sequence_length=LENGTH, **small
+        ), _text()
+    if name == "gemma":
+        model = models.GemmaBackbone(
+            num_query_heads=2, num_key_value_heads=1, head_dim=8, **small
+        )
+        return model, _text()
+    if name == "qwen3":
+        model = models.Qwen3Backbone(
+            num_query_heads=2, num_key_value_heads=1, head_dim=8, **small
+        )
+        return model, _text()
+    if name == "t5":
+        model = models.T5Backbone(num_heads=2, key_value_dim=8, **small)
+        ones = np.ones((2, LENGTH), "int32")
+        x = {
+            "encoder_token_ids": _tokens(),
+            "encoder_padding_mask": ones,
+            "decoder_token_ids": _tokens(1),
+            "decoder_padding_mask": ones,
+        }
+        return model, x
+    model = models.ViTBackbone(
+        image_shape=(16, 16, 3),
+        patch_size=8,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        mlp_dim=32,
+    )
+    return model, np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype("float32")
+
+
+def _sines(y_true, y_pred):
+    # Not sum(y ** 2): its gradient is parallel to a normalized output and
+    # the final normalization cancels it (a gradient of roundoff only).
+    outputs = keras.tree.flatten(y_pred)
+    return sum(ops.sum(ops.sin(ops.cast(t, "float32"))) for t in outputs)
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "gemma", "qwen3", "t5", "vit"])
+def test_backbone_blocks_and_sublayers(name):
+    model, x = _backbone(name)
+    blocks = keras_actgrad.transformer_blocks(model)
+    attention = keras_actgrad.attention_layers(model)
+    mlp = keras_actgrad.mlp_layers(model)
+    expected_blocks = 4 if name == "t5" else 2  # T5: encoder and decoder
+    assert len(blocks) == expected_blocks
+    assert len(attention) >= expected_blocks and len(mlp) >= expected_blocks
+    selection = blocks + attention + mlp
+    results = keras_actgrad.activation_gradients(
+        model, x, loss=_sines, layers=selection
+    )
+    sites = {site.name: site.layer for site in select_layers(model, selection)}
+    check(results, reference(model, x, None, _sines, sites), rtol=1e-4, atol=1e-4)
+    assert all("call" not in vars(layer) for layer in sites.values())
+
+
+def _causal_lm():
+    backbone, _ = _backbone("gpt2")
+    model = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        sampler="greedy",
+    )
+    x = _text()
+    y = np.roll(x["token_ids"], -1, axis=1)
+    return model, x, y
+
+
+def test_causal_lm_in_place_then_generate_and_save(tmp_path):
+    model, x, y = _causal_lm()
+    prompt = {
+        "token_ids": x["token_ids"],
+        "padding_mask": np.array([[1] * 3 + [0] * 5] * 2, bool),
+    }
+    generated = model.generate(prompt, max_length=LENGTH, stop_token_ids=None)
+    predictions = ops.convert_to_numpy(model.predict(x, verbose=0))
+    selection = [
+        "transformer_layer_*",
+        "*/self_attention",
+        "**/feedforward_output_dense",
+    ]
+    results = keras_actgrad.activation_gradients(model, x, y, layers=selection)
+    assert list(results)[:3] == [
+        "transformer_layer_0/self_attention",
+        "transformer_layer_0/feedforward_output_dense",
+        "transformer_layer_0",
+    ]
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    sites = {site.name: site.layer for site in select_layers(model, selection)}
+    check(results, reference(model, x, y, loss, sites), rtol=1e-4, atol=1e-4)
+    # Left as it was: a CausalLM that generates the same tokens, predicts
+    # the same logits bit for bit, and saves and reloads.
+    assert type(model) is keras_hub.models.GPT2CausalLM
+    again = model.generate(prompt, max_length=LENGTH, stop_token_ids=None)
+    np.testing.assert_array_equal(again["token_ids"], generated["token_ids"])
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(model.predict(x, verbose=0)), predictions
+    )
+    model.save(tmp_path / "lm.keras")
+    reloaded = keras.saving.load_model(tmp_path / "lm.keras")
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(reloaded.predict(x, verbose=0)), predictions
+    )
+    # The backbone can still be handed to a new task.
+    keras_hub.models.GPT2CausalLM(backbone=model.backbone, preprocessor=None)
+
+
+def test_text_classifier_in_place():
+    backbone, x = _backbone("bert")
+    model = keras_hub.models.BertTextClassifier(
+        backbone=backbone, num_classes=3, preprocessor=None
+    )
+    y = np.array([0, 2])
+    selection = keras_actgrad.transformer_blocks(model) + [
+        "*/self_attention_layer/query"
+    ]
+    results = keras_actgrad.activation_gradients(model, x, y, layers=selection)
+    assert "transformer_layer_1/self_attention_layer/query" in results
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    sites = {site.name: site.layer for site in select_layers(model, selection)}
+    check(results, reference(model, x, y, loss, sites), rtol=1e-4, atol=1e-4)
+
+
+def test_callback_with_layers_in_fit_on_a_causal_lm():
+    model, x, y = _causal_lm()
+    callback = keras_actgrad.ActivationGradientCallback(
+        (x, y), layers=keras_actgrad.transformer_blocks(model)
+    )
+    history = model.fit(x, y, epochs=2, verbose=0, callbacks=[callback])
+    norms = history.history["actgrad/transformer_layer_1/grad_norm"]
+    assert len(norms) == 2 and np.all(np.isfinite(norms))
+    assert callback.probe_order == ["transformer_layer_0", "transformer_layer_1"]
