@@ -2,6 +2,7 @@
 
 from keras_actgrad._callback import ActivationGradientCallback
 from keras_actgrad._engine import ActivationGradient, activation_gradients
+from keras_actgrad._monitor import GradientMonitor
 from keras_actgrad._probe import (
     GradientProbe,
     ProbedModel,
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ActivationGradientCallback",
     "ActivationGradient",
+    "GradientMonitor",
     "GradientProbe",
     "ProbedModel",
     "Report",
