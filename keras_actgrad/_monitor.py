@@ -228,8 +228,10 @@ class GradientMonitor(keras.callbacks.Callback):
         self._in_spike = False
         order = [p.name for p in find_probes(model)]
         self.probe_order = order
-        if self.log_dir is not None and self._writer is None and writes_summaries(
-            model
+        if (
+            self.log_dir is not None
+            and self._writer is None
+            and writes_summaries(model)
         ):
             from keras_actgrad._tensorboard import EventWriter
 
@@ -257,8 +259,7 @@ class GradientMonitor(keras.callbacks.Callback):
     ) -> None:
         index = self._step  # updates done before this step
         histograms = bool(
-            self.histograms_every_n_steps
-            and index % self.histograms_every_n_steps == 0
+            self.histograms_every_n_steps and index % self.histograms_every_n_steps == 0
         )
         if index % self.every_n_steps == 0 or histograms:
             self._fit_model.train_function = self._monitored(histograms)
@@ -285,7 +286,9 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def _monitored(self, histograms: bool) -> Any:
         if histograms not in self._steps:
-            self._steps[histograms] = MonitoredStep(self._fit_model, self._config(histograms))
+            self._steps[histograms] = MonitoredStep(
+                self._fit_model, self._config(histograms)
+            )
         step = self._steps[histograms]
         if self.spike_factor is not None:
             step.set_threshold(self._spike_threshold())
@@ -413,6 +416,7 @@ class GradientMonitor(keras.callbacks.Callback):
                 )
         return columns
 
+
 def unpack(
     vector: np.ndarray, layout: Layout | None, config: StepConfig, step: int, epoch: int
 ) -> dict[str, Any]:
@@ -506,6 +510,22 @@ def _check_model(model: keras.Model) -> None:
             "`GradientMonitor` monitors single training steps and needs "
             "`steps_per_execution=1` in `model.compile`. Received: "
             f"steps_per_execution={steps}."
+        )
+    distributed = keras.distribution.distribution() is not None
+    strategy = getattr(model, "distribute_strategy", None)
+    replicas = getattr(strategy, "num_replicas_in_sync", 1)
+    if distributed or replicas != 1:
+        where = (
+            f"keras.distribution {type(keras.distribution.distribution()).__name__}"
+            if distributed
+            else f"{type(strategy).__name__} with {replicas} replicas"
+        )
+        raise ValueError(
+            "`GradientMonitor` does not support distributed training yet (its "
+            "statistics would be those of one replica's share of the batch). "
+            "Use `ActivationGradientCallback` (it supports `tf.distribute` and "
+            "`keras.distribution`), or train on one device. "
+            f"Received: {where}."
         )
     if getattr(model, "optimizer", None) is None:
         raise ValueError(

@@ -253,9 +253,10 @@ def test_steps_not_monitored_run_keras_function() -> None:
     columns = monitor.to_numpy()
     assert columns["step"].tolist() == [1, 4, 7, 10]
     assert columns["actgrad/h1_probe/grad_norm"].shape == (4,)
-    assert columns[f"actgrad_weights/{model.trainable_variables[0].path}/update_norm"][
-        0
-    ] > 0
+    assert (
+        columns[f"actgrad_weights/{model.trainable_variables[0].path}/update_norm"][0]
+        > 0
+    )
 
 
 def test_tensorboard_step_tags(tmp_path: object) -> None:
@@ -266,7 +267,8 @@ def test_tensorboard_step_tags(tmp_path: object) -> None:
     monitor = GradientMonitor(log_dir=str(tmp_path), histograms_every_n_steps=4)
     model.fit(X, Y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[monitor])
     accumulator = event_accumulator.EventAccumulator(
-        str(tmp_path / "actgrad"), size_guidance={"tensors": 0}  # type: ignore[operator]
+        str(tmp_path / "actgrad"),
+        size_guidance={"tensors": 0},  # type: ignore[operator]
     )
     accumulator.Reload()
     tags = accumulator.Tags()["tensors"]

@@ -241,7 +241,9 @@ class StepHooks(Protocol):
     stateless: bool
 
     @staticmethod
-    def identity(tensor: Tensor, on_gradient: Callable[[Tensor, Tensor], None]) -> Tensor:
+    def identity(
+        tensor: Tensor, on_gradient: Callable[[Tensor, Tensor], None]
+    ) -> Tensor:
         """`tensor`, unchanged, whose backward pass calls `on_gradient(a, g)`.
 
         `a` is the tensor, `g` the gradient flowing back into it, which is

@@ -22,7 +22,7 @@ class TensorFlowStepHooks:
 
     @staticmethod
     def identity(tensor: Any, on_gradient: Callable[[Any, Any], None]) -> Any:
-        @tf.custom_gradient  # type: ignore[misc]
+        @tf.custom_gradient  # type: ignore[untyped-decorator]
         def identity(x: Any) -> Any:
             def gradient(dy: Any) -> Any:
                 on_gradient(x, dy)

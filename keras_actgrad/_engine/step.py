@@ -78,7 +78,7 @@ def _is_float(tensor: Any) -> bool:
         name = keras.backend.standardize_dtype(dtype)
     except ValueError:
         return False
-    return name.startswith(("float", "bfloat"))
+    return bool(name.startswith(("float", "bfloat")))
 
 
 def _row(probe: Moments, moments: tuple[str, ...], bins: int) -> Tensor:
@@ -272,7 +272,9 @@ class MonitoredStep:
                 trainable=False,
                 name="actgrad_spike_threshold",
             )
-        self.payload: dict[str, Any] | None = None
+        self.payload: Any = None
+        # JAX: the spike threshold of the step being traced (a traced input).
+        self._jax_threshold: Any = None
         self._function = self._build()
 
     # -- building
@@ -297,7 +299,7 @@ class MonitoredStep:
         return scale
 
     @contextlib.contextmanager
-    def _instrumented(self, trace: _Trace, stateless_scale: Any = None) -> Iterator[None]:
+    def _instrumented(self, trace: _Trace) -> Iterator[None]:
         """Installs the tap and observes the optimizer, for one trace."""
         model = self.model
         optimizer = model.optimizer
@@ -378,10 +380,10 @@ class MonitoredStep:
         monitor = self
 
         def finish(trace: _Trace, logs: Any) -> dict[str, Any]:
-            logs = dict(logs)
-            logs[PAYLOAD_KEY] = trace.payload()
+            out: dict[str, Any] = dict(logs)
+            out[PAYLOAD_KEY] = trace.payload()
             monitor.layout = trace.layout
-            return logs
+            return out
 
         if backend.stateless:
             optimizer = model.optimizer
@@ -427,9 +429,7 @@ class MonitoredStep:
         if backend.stateless:
             state, iterator = args
             threshold = keras.ops.convert_to_tensor(self.threshold, "float32")
-            logs, state = self._function(
-                state, _DataWithThreshold(iterator, threshold)
-            )
+            logs, state = self._function(state, _DataWithThreshold(iterator, threshold))
             logs = dict(logs)
             self.payload = logs.pop(PAYLOAD_KEY)
             return logs, state
