@@ -103,7 +103,9 @@ def child(
     keras.utils.set_random_seed(0)
     layers: list = [keras.Input((width,))]
     for index in range(probes):
-        layers.append(keras.layers.Dense(width, activation="relu", name=f"dense_{index}"))
+        layers.append(
+            keras.layers.Dense(width, activation="relu", name=f"dense_{index}")
+        )
         layers.append(keras_actgrad.GradientProbe(name=f"dense_{index}_probe"))
     layers.append(keras.layers.Dense(10, name="logits"))
     model = keras.Sequential(layers)
@@ -169,7 +171,12 @@ def _measure(model: Any, x: Any, y: Any, mode: str, reps: int, warm: int) -> dic
 
 
 def measure(
-    backend: str, mode: str, probes: int, width: int, batch: int, reps: int,
+    backend: str,
+    mode: str,
+    probes: int,
+    width: int,
+    batch: int,
+    reps: int,
     model: str = "mlp",
 ) -> dict:
     env = dict(os.environ)
@@ -180,9 +187,20 @@ def measure(
         PYTHONPATH=os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")])),
     )
     command = [
-        sys.executable, os.path.abspath(__file__), "--child", mode,
-        "--probes", str(probes), "--width", str(width), "--batch", str(batch),
-        "--reps", str(reps), "--model", model,
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        mode,
+        "--probes",
+        str(probes),
+        "--width",
+        str(width),
+        "--batch",
+        str(batch),
+        "--reps",
+        str(reps),
+        "--model",
+        model,
     ]
     out = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
@@ -216,7 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         print(
             json.dumps(
                 child(
-                    args.child, args.probes[0], args.width, args.batch, args.reps,
+                    args.child,
+                    args.probes[0],
+                    args.width,
+                    args.batch,
+                    args.reps,
                     args.model,
                 )
             )
@@ -247,7 +269,12 @@ def main(argv: list[str] | None = None) -> int:
             returned = 0
             for mode in args.modes:
                 result = measure(
-                    backend, mode, probes, args.width, args.batch, args.reps,
+                    backend,
+                    mode,
+                    probes,
+                    args.width,
+                    args.batch,
+                    args.reps,
                     args.model,
                 )
                 peaks[mode] = result["peak"] / mb
@@ -258,7 +285,11 @@ def main(argv: list[str] | None = None) -> int:
             train = peaks.get("train")
             if train:
                 for mode in ("event", "histograms"):
-                    line += f"  {peaks[mode] / train:>10.2f}x" if mode in peaks else " " * 13
+                    line += (
+                        f"  {peaks[mode] / train:>10.2f}x"
+                        if mode in peaks
+                        else " " * 13
+                    )
                 if "actgrad" in peaks:
                     line += f"  {(peaks['actgrad'] - returned) / train:>8.2f}x"
                     line += f" (returns {returned:.0f} MB)"

@@ -3,6 +3,7 @@
 from keras_actgrad._callback import ActivationGradientCallback
 from keras_actgrad._engine import ActivationGradient, activation_gradients
 from keras_actgrad._layers import attention_layers, mlp_layers, transformer_blocks
+from keras_actgrad._monitor import GradientMonitor
 from keras_actgrad._probe import (
     GradientProbe,
     ProbedModel,
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ActivationGradientCallback",
     "ActivationGradient",
+    "GradientMonitor",
     "GradientProbe",
     "ProbedModel",
     "Report",

@@ -25,9 +25,9 @@ from keras_actgrad._backends.base import LossSpec, PassConfig
 from keras_actgrad._engine import Batch, ProbeEngine, get_engine
 from keras_actgrad._engine.inputs import batch_size, standardize
 from keras_actgrad._engine.losses import check_loss
-from keras_actgrad._statistics import chunks
 from keras_actgrad._events import history, to_columns
 from keras_actgrad._layers import Layers, Site, select_layers
+from keras_actgrad._statistics import chunks
 from keras_actgrad._statistics.statistics import (
     DEFAULT_BINS,
     STATISTICS,

@@ -36,6 +36,10 @@ WEIGHT_PREFIXES = {
     "step": "actgrad_weights_step",
 }
 KINDS = tuple(PREFIXES)
+# The monitor's per-variable statistics (`<weights prefix>/<path>/<name>`)
+# and its global gradient norm (`<prefix>/<GLOBAL_GRAD_NORM>`).
+WEIGHT_STATISTICS = ("grad_norm", "update_norm", "update_ratio")
+GLOBAL_GRAD_NORM = "global_grad_norm"
 
 # The callback's event files: `<log_dir>/<EVENTS_SUBDIR>/`.
 EVENTS_SUBDIR = "actgrad"
@@ -64,9 +68,9 @@ def log_key(probe: str, statistic: str) -> str:
     return f"{LOG_PREFIX}/{probe}/{statistic}"
 
 
-def weight_log_key(path: str) -> str:
-    """The key of a weight gradient's norm: `actgrad_weights/<path>/grad_norm`."""
-    return f"{WEIGHTS_LOG_PREFIX}/{path}/grad_norm"
+def weight_log_key(path: str, statistic: str = "grad_norm") -> str:
+    """The key of a weight statistic: `actgrad_weights/<path>/grad_norm`."""
+    return f"{WEIGHTS_LOG_PREFIX}/{path}/{statistic}"
 
 
 def summary_tag(kind: str, probe: str, name: str) -> str:
@@ -80,10 +84,15 @@ def summary_tag(kind: str, probe: str, name: str) -> str:
     return f"{PREFIXES[kind]}.{name}/{probe}"
 
 
-def weight_summary_tag(kind: str, path: str) -> str:
-    """The TensorBoard tag of a weight gradient's norm at `kind` events:
-    `<weights prefix>.grad_norm/<variable path>`."""
-    return f"{WEIGHT_PREFIXES[kind]}.grad_norm/{path}"
+def weight_summary_tag(kind: str, path: str, statistic: str = "grad_norm") -> str:
+    """The TensorBoard tag of a weight statistic at `kind` events:
+    `<weights prefix>.<statistic>/<variable path>`."""
+    return f"{WEIGHT_PREFIXES[kind]}.{statistic}/{path}"
+
+
+def global_summary_tag(kind: str) -> str:
+    """The tag of the global gradient norm: `actgrad_step.global_grad_norm/model`."""
+    return f"{PREFIXES[kind]}.{GLOBAL_GRAD_NORM}/model"
 
 
 @dataclasses.dataclass(frozen=True)

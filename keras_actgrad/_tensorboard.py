@@ -45,7 +45,7 @@ import os
 import socket
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -257,12 +257,16 @@ class EventWriter:
         reduced: Reduced,
         statistics: Sequence[str],
         probe_order: Sequence[str],
+        scalars: Mapping[str, float] | None = None,
     ) -> bool:
-        """Writes one probe event; returns False if writing failed or is off."""
+        """Writes one probe event; returns False if writing failed or is off.
+
+        `scalars` are more scalars of the event, by tag.
+        """
         if not self.active:
             return False
         try:
-            self._write(kind, step, reduced, statistics, probe_order)
+            self._write(kind, step, reduced, statistics, probe_order, scalars)
         except Exception as error:  # noqa: BLE001 - a failed write must not stop training
             self._fail(error)
             return False
@@ -275,6 +279,7 @@ class EventWriter:
         reduced: Reduced,
         statistics: Sequence[str],
         probe_order: Sequence[str],
+        scalars: Mapping[str, float] | None = None,
     ) -> None:
         from tensorboard.compat.proto import event_pb2, summary_pb2
 
@@ -306,6 +311,8 @@ class EventWriter:
                 metadata=scalar,
                 tensor=_scalar(norm),
             )
+        for tag, value in (scalars or {}).items():
+            summary.value.add(tag=tag, metadata=scalar, tensor=_scalar(value))
         if kind == "epoch" or self._order_written != list(probe_order):
             summary.value.add(
                 tag=PROBE_ORDER_TAG,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import keras
 
-from keras_actgrad._backends.base import Adapter
+from keras_actgrad._backends.base import Adapter, StepHooks
 from keras_actgrad._statistics.moments import Moments
 
 BACKENDS = ("tensorflow", "jax", "torch")
@@ -45,3 +45,20 @@ def get_adapter() -> Adapter:
 def moments_class() -> type[Moments]:
     """The moments of the Keras backend in use (native ops where faster)."""
     return adapter_class().moments
+
+
+def step_hooks() -> type[StepHooks]:
+    """The monitored step's hooks for the Keras backend in use."""
+    backend = keras.backend.backend()
+    adapter_class()  # the same check of the backend
+    if backend == "tensorflow":
+        from keras_actgrad._backends.step_tensorflow import TensorFlowStepHooks
+
+        return TensorFlowStepHooks
+    if backend == "jax":
+        from keras_actgrad._backends.step_jax import JaxStepHooks
+
+        return JaxStepHooks
+    from keras_actgrad._backends.step_torch import TorchStepHooks
+
+    return TorchStepHooks

@@ -243,3 +243,59 @@ def loss_scaled(
         return first
     final, grads = ops.while_loop(overflowing, smaller, (scale, first))
     return [g / final for g in grads]
+
+
+class StepHooks(Protocol):
+    """What a backend provides to the monitored training step (`_engine.step`).
+
+    `stateless` is True where Keras's train step is a pure function of
+    `(state, data)` (JAX): the optimizer is observed through
+    `stateless_apply` there, through `apply` elsewhere.
+    """
+
+    stateless: bool
+
+    @staticmethod
+    def identity(
+        tensor: Tensor, on_gradient: Callable[[Tensor, Tensor], None]
+    ) -> Tensor:
+        """`tensor`, unchanged, whose backward pass calls `on_gradient(a, g)`.
+
+        `a` is the tensor, `g` the gradient flowing back into it, which is
+        passed on untouched. `on_gradient` builds the reductions in the
+        backward pass of the step being traced (or run, eagerly).
+        """
+        ...
+
+    @staticmethod
+    def copy(value: Tensor) -> Tensor:
+        """A copy of a variable's value that a later assignment does not change."""
+        ...
+
+    @staticmethod
+    def make_train_function(
+        model: keras.Model, train_step: Callable[..., Any]
+    ) -> Callable[..., Any]:
+        """`train_step`, compiled as Keras compiles the model's own train step."""
+        ...
+
+
+def keras_train_function(
+    model: keras.Model, train_step: Callable[..., Any]
+) -> Callable[..., Any]:
+    """Keras's own compilation of `train_step` (TensorFlow and JAX trainers).
+
+    Keras 3.15.1's TensorFlow and JAX trainers build `train_function` in
+    `make_train_function(force=True)` from `self.train_step`, read once
+    there (`_make_function(self.train_step)`, `jit(self.train_step)`), so
+    `train_step` is set on the instance for that call only, and the model's
+    own `train_function` is put back.
+    """
+    saved = model.train_function
+    object.__setattr__(model, "train_step", train_step)
+    try:
+        model.make_train_function(force=True)
+        return model.train_function  # type: ignore[no-any-return]
+    finally:
+        model.__dict__.pop("train_step", None)
+        model.train_function = saved

@@ -1,0 +1,48 @@
+"""The monitored step's JAX parts: a `jax.custom_vjp` identity.
+
+Keras's JAX train step is pure, `train_step(state, data) -> (logs, state)`,
+differentiated with `jax.value_and_grad` inside `jax.jit`. The identity's
+backward function is called while that step is traced (at the level of the
+jit trace), so the reductions it builds are values of the step and are
+returned with its logs. It returns the cotangent unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import keras
+
+from keras_actgrad._backends.base import keras_train_function
+
+
+class JaxStepHooks:
+    stateless = True
+
+    @staticmethod
+    def identity(tensor: Any, on_gradient: Callable[[Any, Any], None]) -> Any:
+        @jax.custom_vjp
+        def identity(x: Any) -> Any:
+            return x
+
+        def forward(x: Any) -> Any:
+            return x, x
+
+        def backward(activation: Any, gradient: Any) -> Any:
+            on_gradient(activation, gradient)
+            return (gradient,)
+
+        identity.defvjp(forward, backward)
+        return identity(tensor)
+
+    @staticmethod
+    def copy(value: Any) -> Any:
+        return value  # immutable
+
+    @staticmethod
+    def make_train_function(
+        model: keras.Model, train_step: Callable[..., Any]
+    ) -> Callable[..., Any]:
+        return keras_train_function(model, train_step)

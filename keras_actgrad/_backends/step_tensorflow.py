@@ -1,0 +1,45 @@
+"""The monitored step's TensorFlow parts: a `tf.custom_gradient` identity.
+
+The identity's gradient function is traced by `tape.gradient` inside the
+train step's `tf.function`, so the reductions it builds are ops of the same
+graph, returned with the step's logs. It returns the incoming gradient
+unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from keras_actgrad._backends.base import keras_train_function
+
+
+class TensorFlowStepHooks:
+    stateless = False
+
+    @staticmethod
+    def identity(tensor: Any, on_gradient: Callable[[Any, Any], None]) -> Any:
+        @tf.custom_gradient  # type: ignore[untyped-decorator]
+        def identity(x: Any) -> Any:
+            def gradient(dy: Any) -> Any:
+                on_gradient(x, dy)
+                return dy
+
+            return tf.identity(x), gradient
+
+        return identity(tensor)
+
+    @staticmethod
+    def copy(value: Any) -> Any:
+        # Ordered before the optimizer's assignment by the automatic control
+        # dependencies of `tf.function`; the assignment then copies on write.
+        return tf.identity(value)
+
+    @staticmethod
+    def make_train_function(
+        model: keras.Model, train_step: Callable[..., Any]
+    ) -> Callable[..., Any]:
+        return keras_train_function(model, train_step)

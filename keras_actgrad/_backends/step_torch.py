@@ -1,0 +1,56 @@
+"""The monitored step's PyTorch parts: a backward hook on a view.
+
+Keras's torch train step runs eagerly: the probe's output becomes a fresh
+autograd node (`view_as`) with a tensor hook, which reduces the gradient
+under `torch.no_grad()` as `loss.backward()` reaches it and returns None
+(the gradient flows on unchanged).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import torch
+
+
+class TorchStepHooks:
+    stateless = False
+
+    @staticmethod
+    def identity(tensor: Any, on_gradient: Callable[[Any, Any], None]) -> Any:
+        if not tensor.requires_grad:
+            return tensor
+        output = tensor.view_as(tensor)
+        activation = output.detach()
+
+        def hook(gradient: Any) -> None:
+            with torch.no_grad():
+                on_gradient(activation, gradient.detach())
+
+        output.register_hook(hook)
+        return output
+
+    @staticmethod
+    def copy(value: Any) -> Any:
+        return value.detach().clone()
+
+    @staticmethod
+    def make_train_function(
+        model: keras.Model, train_step: Callable[..., Any]
+    ) -> Callable[..., Any]:
+        if model.jit_compile:
+            raise ValueError(
+                "`GradientMonitor` reads gradients with tensor hooks, which "
+                "`torch.compile` does not run as written. Compile the model "
+                "with `jit_compile=False` (the default on PyTorch). Received: "
+                "jit_compile=True."
+            )
+
+        # Keras 3.15.1's torch trainer: `one_step_on_data(data)` runs
+        # `self.train_step(data[0])`.
+        def one_step_on_data(data: Any) -> Any:
+            return train_step(data[0])
+
+        return one_step_on_data

@@ -1,0 +1,438 @@
+"""The monitored training step: statistics from `fit`'s own backward pass.
+
+`MonitoredStep` builds, next to Keras's own train function, a *monitored*
+one: the model's `train_step`, traced (compiled as Keras compiles it) with
+a tap installed at every `GradientProbe` and the optimizer's `apply` (or
+`stateless_apply`) observed. The tap is an identity in the forward pass
+whose backward pass reduces the incoming gradient (d loss / d probe output)
+and the probe's output to the statistics' moments, on the device; the
+observer takes the norms of the gradients the optimizer receives (unscaled,
+before clipping) and of the update it makes. The gradient passed on is the
+incoming one untouched, and the optimizer's update is its own: the step
+trains bit for bit as Keras's.
+
+The callback switches `model.train_function` between the two before each
+step: a step not monitored runs Keras's function, untouched, so it costs
+nothing. The moments leave the step in its `logs` under one key, which the
+wrapper returned by `function` pops before Keras sees the logs.
+
+Spikes: with a `threshold` (the callback's running median of the global
+gradient norm times `spike_factor`), a monitored step also computes every
+statistic and histogram of every probe, under a device-side condition
+`global gradient norm > threshold`, from the tensors its backward pass
+recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import keras
+
+from keras_actgrad._backends import moments_class, step_hooks
+from keras_actgrad._backends.base import StepHooks
+from keras_actgrad._context import tapping
+from keras_actgrad._statistics.moments import Moments
+from keras_actgrad._statistics.statistics import STATISTICS, moments_for
+
+PAYLOAD_KEY = "__keras_actgrad_monitor__"
+Tensor = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """What fixes a monitored train function."""
+
+    statistics: tuple[str, ...]
+    bins: int  # 0: no histograms
+    weight_gradients: bool
+    spike_bins: int  # 0: no spike detection; else the full record's bins
+
+    @property
+    def moments(self) -> tuple[str, ...]:
+        return moments_for(self.statistics)
+
+    @property
+    def full_moments(self) -> tuple[str, ...]:
+        return moments_for(STATISTICS)
+
+    def row_size(self) -> int:
+        return len(self.moments) + (2 * (2 + self.bins) if self.bins else 0)
+
+    def full_row_size(self) -> int:
+        return len(self.full_moments) + 2 * (2 + self.spike_bins)
+
+
+def _backend() -> type[StepHooks]:
+    return step_hooks()
+
+
+def _is_float(tensor: Any) -> bool:
+    dtype = getattr(tensor, "dtype", None)
+    if dtype is None:
+        return False
+    try:
+        name = keras.backend.standardize_dtype(dtype)
+    except ValueError:
+        return False
+    return bool(name.startswith(("float", "bfloat")))
+
+
+def _row(probe: Moments, moments: tuple[str, ...], bins: int) -> Tensor:
+    parts = [probe.row(moments)]
+    if bins:
+        parts.append(probe.histogram("g", bins))
+        parts.append(probe.histogram("a", bins))
+    return keras.ops.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def _sq_norm(tensor: Tensor) -> Tensor:
+    tensor = keras.ops.cast(tensor, "float32")
+    return keras.ops.sum(keras.ops.square(tensor))
+
+
+class _Trace:
+    """What one trace of the monitored step records (backend tensors)."""
+
+    def __init__(self, config: StepConfig, scale: Callable[[], Tensor | None]):
+        self.config = config
+        self.scale = scale
+        self.order: list[str] = []
+        self.rows: dict[str, Tensor] = {}
+        self.stash: dict[str, tuple[Tensor, Tensor]] = {}
+        self.weights: Tensor | None = None
+        self.full: Tensor | None = None
+        self.spike: Tensor | None = None
+        self._calls: dict[str, int] = {}
+        self._probe_class = moments_class()
+
+    def tap(self, probe: Any, tensor: Tensor) -> Tensor:
+        count = self._calls.get(probe.name, 0)
+        self._calls[probe.name] = count + 1
+        name = probe.name if count == 0 else f"{probe.name}@{count}"
+        self.order.append(name)
+        if not _is_float(tensor):
+            return tensor
+
+        def on_gradient(activation: Tensor, gradient: Tensor) -> None:
+            gradient = keras.ops.cast(gradient, "float32")
+            scale = self.scale()
+            if scale is not None:
+                gradient = gradient / scale
+            probe_moments = self._probe_class(activation, gradient)
+            self.rows[name] = _row(probe_moments, self.config.moments, self.config.bins)
+            if self.config.spike_bins:
+                self.stash[name] = (activation, gradient)
+
+        return _backend().identity(tensor, on_gradient)
+
+    def observe(
+        self,
+        paths: list[str],
+        grads: list[Any],
+        old: list[Tensor],
+        new: list[Tensor],
+        scale: Any,
+    ) -> None:
+        """Weight-gradient norms (unscaled), update norms, weight norms."""
+        grad_sq = []
+        for g in grads:
+            if g is None:
+                grad_sq.append(keras.ops.convert_to_tensor(float("nan")))
+                continue
+            g = keras.ops.cast(g, "float32")
+            grad_sq.append(_sq_norm(g if scale is None else g / scale))
+        update_sq = [
+            _sq_norm(keras.ops.cast(n, "float32") - keras.ops.cast(o, "float32"))
+            for o, n in zip(old, new, strict=True)
+        ]
+        weight_sq = [_sq_norm(o) for o in old]
+        ops = keras.ops
+        self.weight_paths = list(paths)
+        self.weights = ops.stack(
+            [ops.stack(grad_sq), ops.stack(update_sq), ops.stack(weight_sq)]
+        )
+
+    def record_spike(self, threshold: Tensor) -> None:
+        """The full record, computed on the device only on a spike."""
+        ops = keras.ops
+        if self.weights is None:
+            return
+        grad_sq = self.weights[0]
+        finite = ops.where(ops.isfinite(grad_sq), grad_sq, 0.0)
+        global_norm = ops.sqrt(ops.sum(finite))
+        spike = ops.greater(global_norm, ops.cast(threshold, "float32"))
+        names = sorted(self.stash)
+        size = self.config.full_row_size()
+
+        def full() -> Tensor:
+            rows = []
+            for name in names:
+                a, g = self.stash[name]
+                rows.append(
+                    _row(
+                        self._probe_class(a, g),
+                        self.config.full_moments,
+                        self.config.spike_bins,
+                    )
+                )
+            return ops.stack(rows) if rows else ops.zeros((0, size), "float32")
+
+        def nothing() -> Tensor:
+            return ops.zeros((len(names), size), "float32")
+
+        self.full = ops.cond(spike, full, nothing)
+        self.full_names = names
+        self.spike = ops.cast(spike, "float32")
+
+    def payload(self) -> Tensor:
+        """Everything the step measured, as one float32 vector (see `Layout`)."""
+        ops = keras.ops
+        names = sorted(self.rows)
+        parts = [self.rows[name] for name in names]
+        weights = 0
+        if self.weights is not None:
+            weights = int(self.weights.shape[1])
+            parts.append(ops.reshape(self.weights, (-1,)))
+        full_names: list[str] = []
+        if self.full is not None:
+            full_names = list(self.full_names)
+            parts.append(ops.reshape(self.full, (-1,)))
+            parts.append(ops.reshape(self.spike, (1,)))
+        self.layout = Layout(
+            order=list(self.order),
+            probes=names,
+            weights=weights,
+            weight_paths=list(getattr(self, "weight_paths", [])),
+            spike=self.full is not None,
+            full_probes=full_names,
+        )
+        if not parts:
+            return ops.zeros((0,), "float32")
+        return ops.concatenate([ops.cast(p, "float32") for p in parts])
+
+
+@dataclasses.dataclass
+class Layout:
+    """How a monitored step's vector is laid out (recorded at trace time).
+
+    `probes` rows (sorted names, `StepConfig.row_size()` each), then with
+    `weights` > 0 three rows of that many values (squared norms of the
+    unscaled gradients, of the updates and of the weights before the
+    update, in `model.trainable_variables` order), then with `spike` the
+    full rows of `full_probes` (`StepConfig.full_row_size()` each) and a
+    last value, 1.0 on a spike step.
+    """
+
+    order: list[str]
+    probes: list[str]
+    weights: int
+    weight_paths: list[str]
+    spike: bool
+    full_probes: list[str]
+
+
+class _DataWithThreshold:
+    """An iterator adding the spike threshold to every batch (JAX)."""
+
+    def __init__(self, iterator: Any, threshold: Any) -> None:
+        self._iterator = iterator
+        self._threshold = threshold
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        return (next(self._iterator), self._threshold)
+
+
+class MonitoredStep:
+    """Builds and runs a model's monitored train function.
+
+    Args:
+        model: the compiled model (its class must not override `train_step`).
+        config: the `StepConfig`.
+    """
+
+    def __init__(self, model: keras.Model, config: StepConfig) -> None:
+        self.model = model
+        self.config = config
+        self.layout: Layout | None = None
+        self.weight_paths = [v.path for v in model.trainable_variables]
+        self.threshold = float("inf")
+        self._threshold_variable: Any = None
+        if config.spike_bins and not _backend().stateless:
+            # Read by the compiled step, set from the host between steps.
+            self._threshold_variable = keras.Variable(
+                self.threshold,
+                dtype="float32",
+                trainable=False,
+                name="actgrad_spike_threshold",
+            )
+        self.payload: Any = None
+        # JAX: the spike threshold of the step being traced (a traced input).
+        self._jax_threshold: Any = None
+        self._function = self._build()
+
+    # -- building
+
+    def _scale(self, optimizer: Any) -> Callable[[], Tensor | None]:
+        """The loss scale of the step (read in the backward pass)."""
+        factor = optimizer.loss_scale_factor
+        if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            return lambda: factor
+        inner_factor = optimizer.inner_optimizer.loss_scale_factor
+
+        def scale() -> Tensor:
+            dynamic = (
+                optimizer.dynamic_scale if optimizer.built else optimizer.initial_scale
+            )
+            value = keras.ops.cast(dynamic, "float32")
+            for f in (factor, inner_factor):
+                if f is not None:
+                    value = value * f
+            return value
+
+        return scale
+
+    @contextlib.contextmanager
+    def _instrumented(self, trace: _Trace) -> Iterator[None]:
+        """Installs the tap and observes the optimizer, for one trace."""
+        model = self.model
+        optimizer = model.optimizer
+        config = self.config
+        observe = config.weight_gradients or config.spike_bins
+        patched: dict[str, Any] = {}
+        backend = _backend()
+        monitor = self
+        if observe and not backend.stateless:
+            original = optimizer.apply
+
+            def apply(grads: Any, trainable_variables: Any = None) -> Any:
+                variables = (
+                    list(model.trainable_variables)
+                    if trainable_variables is None
+                    else list(trainable_variables)
+                )
+                scale = trace.scale()
+                old = [backend.copy(v.value) for v in variables]
+                result = original(grads, trainable_variables)
+                trace.observe(
+                    [v.path for v in variables],
+                    list(grads),
+                    old,
+                    [v.value for v in variables],
+                    scale,
+                )
+                if config.spike_bins:
+                    trace.record_spike(self._threshold_value())
+                return result
+
+            patched["apply"] = apply
+        if observe and backend.stateless:
+            original_stateless = optimizer.stateless_apply
+
+            def stateless_apply(
+                optimizer_variables: Any, grads: Any, trainable_variables: Any
+            ) -> Any:
+                new_trainable, new_optimizer = original_stateless(
+                    optimizer_variables, grads, trainable_variables
+                )
+                trace.observe(
+                    monitor.weight_paths,
+                    list(grads),
+                    list(trainable_variables),
+                    list(new_trainable),
+                    trace.scale(),
+                )
+                if config.spike_bins:
+                    trace.record_spike(self._jax_threshold)
+                return new_trainable, new_optimizer
+
+            patched["stateless_apply"] = stateless_apply
+        for name, function in patched.items():
+            object.__setattr__(optimizer, name, function)
+        try:
+            with tapping(trace.tap):
+                yield
+        finally:
+            for name in patched:
+                optimizer.__dict__.pop(name, None)
+
+    def _threshold_value(self) -> Tensor:
+        return self._threshold_variable.value
+
+    def set_threshold(self, value: float) -> None:
+        """Sets the spike threshold of the next monitored steps."""
+        if value == self.threshold:
+            return
+        self.threshold = value
+        if self._threshold_variable is not None:
+            self._threshold_variable.assign(value)
+
+    def _build(self) -> Callable[..., Any]:
+        model = self.model
+        step_class = type(model).train_step
+        backend = _backend()
+        monitor = self
+
+        def finish(trace: _Trace, logs: Any) -> dict[str, Any]:
+            out: dict[str, Any] = dict(logs)
+            out[PAYLOAD_KEY] = trace.payload()
+            monitor.layout = trace.layout
+            return out
+
+        if backend.stateless:
+            optimizer = model.optimizer
+            index = None
+            if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+                ids = [id(v) for v in optimizer.variables]
+                index = ids.index(id(optimizer.dynamic_scale))
+            default_scale = self._scale(optimizer)
+
+            def train_step(state: Any, data: Any) -> Any:
+                data, threshold = data
+                monitor._jax_threshold = threshold
+                if index is None:
+                    scale = default_scale
+                else:
+                    value = state[2][index]
+                    factor = optimizer.inner_optimizer.loss_scale_factor
+
+                    def scale() -> Tensor:
+                        s = keras.ops.cast(value, "float32")
+                        return s if factor is None else s * factor
+
+                trace = _Trace(monitor.config, scale)
+                with monitor._instrumented(trace):
+                    logs, state = step_class(model, state, data)
+                return finish(trace, logs), state
+
+        else:
+
+            def train_step(data: Any) -> Any:  # type: ignore[misc]
+                trace = _Trace(monitor.config, monitor._scale(model.optimizer))
+                with monitor._instrumented(trace):
+                    logs = step_class(model, data)
+                return finish(trace, logs)
+
+        return backend.make_train_function(model, train_step)
+
+    # -- running
+
+    def function(self, *args: Any) -> Any:
+        """The monitored train function, called as Keras calls its own."""
+        backend = _backend()
+        if backend.stateless:
+            state, iterator = args
+            threshold = keras.ops.convert_to_tensor(self.threshold, "float32")
+            logs, state = self._function(state, _DataWithThreshold(iterator, threshold))
+            logs = dict(logs)
+            self.payload = logs.pop(PAYLOAD_KEY)
+            return logs, state
+        logs = dict(self._function(*args))
+        self.payload = logs.pop(PAYLOAD_KEY)
+        return logs

@@ -1,0 +1,534 @@
+"""`GradientMonitor`: every training step's own gradients, at almost no cost."""
+
+from __future__ import annotations
+
+import collections
+import math
+import numbers
+import os
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import numpy as np
+
+from keras_actgrad._alerts import Alerts
+from keras_actgrad._arguments import global_step, is_positive_int, writes_summaries
+from keras_actgrad._engine.step import Layout, MonitoredStep, StepConfig
+from keras_actgrad._events import to_columns
+from keras_actgrad._probe import find_probes
+from keras_actgrad._statistics.statistics import (
+    DEFAULT_BINS,
+    STATISTICS,
+    Reduced,
+    _finish,
+    _unpack_histogram,
+    check_statistics,
+)
+from keras_actgrad._tags import (
+    GLOBAL_GRAD_NORM,
+    WEIGHT_STATISTICS,
+    global_summary_tag,
+    weight_log_key,
+    weight_summary_tag,
+)
+
+_ON_NONFINITE = ("warn", "raise", "stop")
+# The event fields of `_tags.WEIGHT_STATISTICS`, in that order.
+_WEIGHT_FIELDS = ("weight_grad_norms", "update_norms", "update_ratios")
+# Running median of the global gradient norm: the last this many monitored
+# steps, and a spike is only declared once this many have been seen.
+SPIKE_WINDOW = 50
+SPIKE_WARMUP = 5
+
+
+class GradientMonitor(keras.callbacks.Callback):
+    """Statistics of every training step's own gradients, from `fit` itself.
+
+    On the steps it monitors, the monitor reads, at every `GradientProbe`,
+    the gradient of the loss with respect to the probe's output **on the
+    batch being trained**, in training mode, from the forward and backward
+    pass that updates the weights: no second pass. The statistics are
+    reduced on the device inside the compiled training step. Steps not
+    monitored run Keras's own compiled step, untouched, so they cost nothing.
+    Training is unchanged bit for bit: weights, optimizer slots, metrics and
+    random-generator state are those of `fit` without the monitor.
+
+    With `weight_gradients=True` it also records, per trainable variable,
+    the L2 norm of the gradient the optimizer received (unscaled under
+    `LossScaleOptimizer` or `loss_scale_factor`, **before** the optimizer's
+    clipping: `clipnorm`, `clipvalue`, `global_clipnorm`), the global norm
+    of all of them, the norm of the update the optimizer made, ||Δw||
+    (everything the optimizer did: learning rate, momentum, weight decay,
+    clipping), and ||Δw|| / ||w|| (w before the update).
+
+    Where the numbers go: `events` (kind `"step"`, `step` = global step
+    after the update), TensorBoard (`<log_dir>/actgrad/`, prefixes
+    `actgrad_step/` and `actgrad_weights_step/`, step = global step), and the
+    alerts of `ActivationGradientCallback` (non-finite, vanishing,
+    exploding). Nothing goes to `logs` or the progress bar.
+
+    Args:
+        every_n_steps: Positive int: monitor the first step of each `fit`
+            and every N-th after it (by global step: steps whose 0-based
+            index is a multiple of N). Defaults to `1`.
+        layers: Reserved for in-place layer selections; must be `None`
+            (the model's `GradientProbe`s are monitored).
+        statistics: Names of the statistics to compute (see
+            `ActivationGradientCallback`), or `None` for all. Defaults to
+            `("grad_norm",)`.
+        weight_gradients: Whether to record the weight-gradient, update and
+            update-ratio norms. Defaults to `True`.
+        histograms_every_n_steps: Also compute gradient and activation
+            histograms every N steps (`None`: never). Defaults to `None`.
+        spike_factor: When the global gradient norm exceeds this factor
+            times its running median (last 50 monitored steps), record that
+            step in full (every statistic and histogram, computed on the
+            device only on such a step) and warn once per spike, naming the
+            step and the probe with the largest gradient. `None`: off.
+        log_dir: TensorBoard log directory, or `None`. Defaults to `None`.
+        on_nonfinite: `"warn"`, `"raise"` or `"stop"`, as in
+            `ActivationGradientCallback`. Defaults to `"warn"`.
+        histogram_bins: Number of histogram bins. Defaults to `30`.
+        vanishing_threshold: as in `ActivationGradientCallback`.
+        exploding_threshold: as in `ActivationGradientCallback`.
+
+    Raises:
+        ValueError: for invalid arguments (here), and in `on_train_begin` for
+            a model without probes, a model whose class overrides
+            `train_step` (use `ActivationGradientCallback`), or
+            `steps_per_execution` > 1.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 1,
+        *,
+        layers: Any = None,
+        statistics: Sequence[str] | None = ("grad_norm",),
+        weight_gradients: bool = True,
+        histograms_every_n_steps: int | None = None,
+        spike_factor: float | None = None,
+        log_dir: str | os.PathLike[str] | None = None,
+        on_nonfinite: str = "warn",
+        histogram_bins: int = DEFAULT_BINS,
+        vanishing_threshold: float = 1e-4,
+        exploding_threshold: float = 1e4,
+    ) -> None:
+        super().__init__()
+        if not is_positive_int(every_n_steps):
+            raise ValueError(
+                "`every_n_steps` must be a positive int (monitor every N "
+                f"training steps). Received: every_n_steps={every_n_steps!r}."
+            )
+        if layers is not None:
+            raise ValueError(
+                "`GradientMonitor(layers=...)` is not supported yet: the "
+                "monitor reads the model's `GradientProbe`s. Add probes with "
+                "`keras_actgrad.insert_probes(model, layers=...)` and pass "
+                f"layers=None. Received: layers={layers!r}."
+            )
+        if histograms_every_n_steps is not None and not is_positive_int(
+            histograms_every_n_steps
+        ):
+            raise ValueError(
+                "`histograms_every_n_steps` must be a positive int or None "
+                f"(no histograms). Received: "
+                f"histograms_every_n_steps={histograms_every_n_steps!r}."
+            )
+        if spike_factor is not None and (
+            not isinstance(spike_factor, numbers.Real)
+            or isinstance(spike_factor, bool)
+            or not math.isfinite(spike_factor)
+            or spike_factor <= 1
+        ):
+            raise ValueError(
+                "`spike_factor` must be a finite number greater than 1 (a spike "
+                "is a global gradient norm above spike_factor times its running "
+                f"median) or None (off). Received: spike_factor={spike_factor!r}."
+            )
+        if on_nonfinite not in _ON_NONFINITE:
+            raise ValueError(
+                f"Unknown `on_nonfinite`: {on_nonfinite!r}. Accepted values: "
+                f"{list(_ON_NONFINITE)}. Received: on_nonfinite={on_nonfinite!r}."
+            )
+        if not is_positive_int(histogram_bins):
+            raise ValueError(
+                "`histogram_bins` must be a positive int. "
+                f"Received: histogram_bins={histogram_bins!r}."
+            )
+        for name, value in (
+            ("vanishing_threshold", vanishing_threshold),
+            ("exploding_threshold", exploding_threshold),
+        ):
+            if (
+                not isinstance(value, numbers.Real)
+                or not math.isfinite(value)
+                or value <= 0
+            ):
+                raise ValueError(
+                    f"`{name}` must be a positive finite number. "
+                    f"Received: {name}={value!r}."
+                )
+        if vanishing_threshold >= exploding_threshold:
+            raise ValueError(
+                "`vanishing_threshold` must be smaller than `exploding_threshold`. "
+                f"Received: vanishing_threshold={vanishing_threshold!r}, "
+                f"exploding_threshold={exploding_threshold!r}."
+            )
+        if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
+            raise ValueError(
+                "`log_dir` must be a path (a string) or None. "
+                f"Received: log_dir={log_dir!r}."
+            )
+        self.every_n_steps = int(every_n_steps)
+        self.statistics = check_statistics(statistics, "statistics")
+        self.weight_gradients = bool(weight_gradients)
+        self.histograms_every_n_steps = (
+            None if histograms_every_n_steps is None else int(histograms_every_n_steps)
+        )
+        self.spike_factor = None if spike_factor is None else float(spike_factor)
+        self.log_dir = None if log_dir is None else os.fspath(log_dir)
+        self.on_nonfinite = on_nonfinite
+        self.histogram_bins = int(histogram_bins)
+        self.vanishing_threshold = float(vanishing_threshold)
+        self.exploding_threshold = float(exploding_threshold)
+        computed = set(self.statistics) | {"grad_norm", "nonfinite"}
+        self._computed = tuple(name for name in STATISTICS if name in computed)
+        self.events: list[dict[str, Any]] = []
+        self.probe_order: list[str] = []
+        self._steps: dict[bool, MonitoredStep] = {}
+        self._steps_model: keras.Model | None = None
+        self._plain: Any = None
+        self._writer: Any = None
+        self._alerts = Alerts(on_nonfinite, vanishing_threshold, exploding_threshold)
+        self._norms: collections.deque[float] = collections.deque(maxlen=SPIKE_WINDOW)
+        self._in_spike = False
+        self._step = 0
+        self._epoch = 0
+        self._active = False
+        self._fit_model: Any = None
+
+    # Keras hooks.
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        model = self.model
+        # Keras's `Callback.model` syncs JAX's training state into the
+        # variables on every access; between steps the monitor uses this
+        # reference instead (a sync mid-step would hand Keras donated buffers).
+        self._fit_model = model
+        _check_model(model)
+        if self._steps_model is not model:
+            self._steps = {}
+            self._steps_model = model
+        self._plain = model.train_function
+        self._step = global_step(model)
+        self._alerts.reset()
+        self._in_spike = False
+        order = [p.name for p in find_probes(model)]
+        self.probe_order = order
+        if (
+            self.log_dir is not None
+            and self._writer is None
+            and writes_summaries(model)
+        ):
+            from keras_actgrad._tensorboard import EventWriter
+
+            try:
+                self._writer = EventWriter(
+                    self.log_dir,
+                    thresholds={
+                        "vanishing": self.vanishing_threshold,
+                        "exploding": self.exploding_threshold,
+                    },
+                )
+            except OSError as error:
+                raise ValueError(
+                    "GradientMonitor cannot write TensorBoard summaries to "
+                    f"`log_dir`: {error}. Pass a writable directory, or "
+                    f"log_dir=None. Received: log_dir={self.log_dir!r}."
+                ) from error
+        self._active = True
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._epoch = epoch
+
+    def on_train_batch_begin(
+        self, batch: int, logs: dict[str, Any] | None = None
+    ) -> None:
+        index = self._step  # updates done before this step
+        histograms = bool(
+            self.histograms_every_n_steps and index % self.histograms_every_n_steps == 0
+        )
+        if index % self.every_n_steps == 0 or histograms:
+            self._fit_model.train_function = self._monitored(histograms)
+        else:
+            self._fit_model.train_function = self._plain
+        self._step = index + 1
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        self._fit_model.train_function = self._plain
+        self._active = False
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    # The monitored steps.
+
+    def _config(self, histograms: bool) -> StepConfig:
+        return StepConfig(
+            statistics=self._computed,
+            bins=self.histogram_bins if histograms else 0,
+            weight_gradients=self.weight_gradients,
+            spike_bins=self.histogram_bins if self.spike_factor else 0,
+        )
+
+    def _monitored(self, histograms: bool) -> Any:
+        if histograms not in self._steps:
+            self._steps[histograms] = MonitoredStep(
+                self._fit_model, self._config(histograms)
+            )
+        step = self._steps[histograms]
+        if self.spike_factor is not None:
+            step.set_threshold(self._spike_threshold())
+
+        def train_function(*args: Any) -> Any:
+            out = step.function(*args)
+            self._record(step, self._step)
+            return out
+
+        return train_function
+
+    def _spike_threshold(self) -> float:
+        if len(self._norms) < SPIKE_WARMUP or self.spike_factor is None:
+            return math.inf
+        return self.spike_factor * float(np.median(self._norms))
+
+    def _record(self, monitored: MonitoredStep, step: int) -> None:
+        vector = np.asarray(keras.ops.convert_to_numpy(monitored.payload), np.float64)
+        monitored.payload = None
+        event = unpack(vector, monitored.layout, monitored.config, step, self._epoch)
+        event["spike_threshold"] = monitored.threshold
+        self._finish_event(event)
+
+    def _finish_event(self, event: dict[str, Any]) -> None:
+        statistics = event["statistics"]
+        order = [name for name in self.probe_order if name in statistics]
+        order += [name for name in statistics if name not in order]
+        nan = dict.fromkeys(self.statistics, math.nan)
+        event["statistics"] = {
+            probe: {
+                name: statistics.get(probe, nan).get(name, math.nan)
+                for name in (STATISTICS if event["spike"] else self.statistics)
+            }
+            for probe in self.probe_order
+        }
+        global_norm = event["global_grad_norm"]
+        if self.spike_factor is not None and math.isfinite(global_norm):
+            if event["spike"]:
+                if not self._in_spike:
+                    self._warn_spike(event)
+                self._in_spike = True
+            else:
+                self._in_spike = False
+            self._norms.append(global_norm)
+        if not self.weight_gradients:
+            for key in ("weight_grad_norms", "update_norms", "update_ratios"):
+                event[key] = {}
+        self.events.append(event)
+        if self._writer is not None:
+            reduced = Reduced(
+                {p: event["statistics"][p] for p in self.probe_order},
+                event["histograms"],
+                event["weight_grad_norms"],
+            )
+            names = list(STATISTICS if event["spike"] else self.statistics)
+            scalars = {global_summary_tag("step"): event["global_grad_norm"]}
+            for statistic, field in zip(
+                WEIGHT_STATISTICS[1:], _WEIGHT_FIELDS[1:], strict=True
+            ):
+                for path, value in event[field].items():
+                    scalars[weight_summary_tag("step", path, statistic)] = value
+            self._writer.write(
+                "step", event["step"], reduced, names, self.probe_order, scalars
+            )
+        self._alert(event)
+
+    # Alerts.
+
+    def _warn_spike(self, event: dict[str, Any]) -> None:
+        norms = {
+            probe: values.get("grad_norm", math.nan)
+            for probe, values in event["statistics"].items()
+        }
+        finite = {p: v for p, v in norms.items() if math.isfinite(v)}
+        largest = max(finite, key=finite.__getitem__) if finite else None
+        where = (
+            f" The probe with the largest gradient is '{largest}' "
+            f"(grad_norm {finite[largest]:.3g})."
+            if largest
+            else ""
+        )
+        warnings.warn(
+            f"Gradient spike at training step {event['step']} of model "
+            f"'{self._fit_model.name}': global gradient norm "
+            f"{event['global_grad_norm']:.3g} is above spike_factor="
+            f"{self.spike_factor:g} times its running median "
+            f"({event['spike_threshold'] / self.spike_factor:.3g}).{where} The "
+            "step is recorded in full (every statistic and histogram) in "
+            "`events` and TensorBoard.",
+            stacklevel=2,
+        )
+
+    def _alert(self, event: dict[str, Any]) -> None:
+        self._alerts.check(
+            self._fit_model,
+            f"at training step {event['step']}",
+            self.probe_order,
+            event["statistics"],
+        )
+
+    # In-memory results.
+
+    def to_numpy(self) -> dict[str, np.ndarray]:
+        """The step events as NumPy arrays, one per key, one entry per event.
+
+        Returns:
+            A dict with `"epoch"`, `"step"` (global step), `"global_grad_norm"`,
+            one array per `actgrad/<probe>/<statistic>` key (NaN where a step
+            did not compute it: a spike step computes every statistic), and
+            per variable `actgrad_weights/<path>/grad_norm`, `.../update_norm`
+            and `.../update_ratio`.
+        """
+        columns = to_columns(self.events, "step", ("step",))
+        columns[GLOBAL_GRAD_NORM] = np.asarray(
+            [event["global_grad_norm"] for event in self.events], np.float64
+        )
+        for statistic, field in zip(WEIGHT_STATISTICS, _WEIGHT_FIELDS, strict=True):
+            paths: dict[str, None] = {}
+            for event in self.events:
+                paths.update(dict.fromkeys(event[field]))
+            for path in paths:
+                columns[weight_log_key(path, statistic)] = np.asarray(
+                    [event[field].get(path, math.nan) for event in self.events],
+                    np.float64,
+                )
+        return columns
+
+
+def unpack(
+    vector: np.ndarray, layout: Layout | None, config: StepConfig, step: int, epoch: int
+) -> dict[str, Any]:
+    """One monitored step's vector as an event (host side)."""
+    if layout is None:
+        raise RuntimeError("Internal error: the monitored step was never traced.")
+    statistics: dict[str, dict[str, float]] = {}
+    histograms: dict[str, Any] = {}
+    offset = 0
+    size = config.row_size()
+    moments = config.moments
+    for name in layout.probes:
+        row = vector[offset : offset + size]
+        offset += size
+        values = {m: np.float64(row[j]) for j, m in enumerate(moments)}
+        statistics[name] = {s: _finish(s, values) for s in config.statistics}
+        if config.bins:
+            width = 2 + config.bins
+            start = len(moments)
+            histograms[name] = {
+                "gradient": _unpack_histogram(row[start : start + width]),
+                "activation": _unpack_histogram(row[start + width : start + 2 * width]),
+            }
+    n = layout.weights
+    grad_sq = update_sq = weight_sq = np.zeros((0,))
+    if n:
+        block = vector[offset : offset + 3 * n].reshape(3, n)
+        offset += 3 * n
+        grad_sq, update_sq, weight_sq = block
+    spike = False
+    if layout.spike:
+        full_size = config.full_row_size()
+        count = len(layout.full_probes)
+        full = vector[offset : offset + count * full_size].reshape(count, full_size)
+        offset += count * full_size
+        spike = bool(vector[offset] > 0.5)
+        if spike:
+            full_moments = config.full_moments
+            for name, row in zip(layout.full_probes, full, strict=True):
+                values = {m: np.float64(row[j]) for j, m in enumerate(full_moments)}
+                statistics[name] = {s: _finish(s, values) for s in STATISTICS}
+                width = 2 + config.spike_bins
+                start = len(full_moments)
+                histograms[name] = {
+                    "gradient": _unpack_histogram(row[start : start + width]),
+                    "activation": _unpack_histogram(
+                        row[start + width : start + 2 * width]
+                    ),
+                }
+    paths = list(layout.weight_paths)
+    with np.errstate(all="ignore"):
+        grad_norms = np.sqrt(grad_sq)
+        update_norms = np.sqrt(update_sq)
+        ratios = update_norms / np.sqrt(weight_sq)
+        global_norm = float(np.sqrt(np.sum(grad_sq))) if n else math.nan
+    return {
+        "kind": "step",
+        "epoch": epoch,
+        "step": int(step),
+        "statistics": statistics,
+        "histograms": histograms,
+        "weight_grad_norms": dict(zip(paths, map(float, grad_norms), strict=True)),
+        "update_norms": dict(zip(paths, map(float, update_norms), strict=True)),
+        "update_ratios": dict(zip(paths, map(float, ratios), strict=True)),
+        "global_grad_norm": global_norm,
+        "spike": spike,
+    }
+
+
+def _check_model(model: keras.Model) -> None:
+    if type(model).train_step is not keras.Model.train_step:
+        raise ValueError(
+            f"`GradientMonitor` reads the gradients inside Keras's own training "
+            f"step, but model '{model.name}' is a {type(model).__name__} whose "
+            "class overrides `train_step`, so the monitor cannot know where its "
+            "gradients are taken. Use `keras_actgrad.ActivationGradientCallback` "
+            "(a separate probe pass, e.g. `batch_freq=1` for every step), or "
+            "drop the `train_step` override. Received: "
+            f"{type(model).__qualname__}.train_step."
+        )
+    if not find_probes(model):
+        raise ValueError(
+            f"`GradientMonitor` found no `GradientProbe` in model '{model.name}'. "
+            "Add probes with `keras_actgrad.insert_probes(model)` or place "
+            "`GradientProbe()` layers yourself. Received: model with "
+            f"{len(model.layers)} layers, 0 probes."
+        )
+    steps = getattr(model, "steps_per_execution", 1)
+    if steps != 1:
+        raise ValueError(
+            "`GradientMonitor` monitors single training steps and needs "
+            "`steps_per_execution=1` in `model.compile`. Received: "
+            f"steps_per_execution={steps}."
+        )
+    distributed = keras.distribution.distribution() is not None
+    strategy = getattr(model, "distribute_strategy", None)
+    replicas = getattr(strategy, "num_replicas_in_sync", 1)
+    if distributed or replicas != 1:
+        where = (
+            f"keras.distribution {type(keras.distribution.distribution()).__name__}"
+            if distributed
+            else f"{type(strategy).__name__} with {replicas} replicas"
+        )
+        raise ValueError(
+            "`GradientMonitor` does not support distributed training yet (its "
+            "statistics would be those of one replica's share of the batch). "
+            "Use `ActivationGradientCallback` (it supports `tf.distribute` and "
+            "`keras.distribution`), or train on one device. "
+            f"Received: {where}."
+        )
+    if getattr(model, "optimizer", None) is None:
+        raise ValueError(
+            f"`GradientMonitor` needs a compiled model with an optimizer. "
+            f"Received: model '{model.name}' with optimizer=None."
+        )
