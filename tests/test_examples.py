@@ -128,3 +128,17 @@ def test_every_example_has_a_test():
     )
     source = open(__file__).read()
     assert [name for name in names if f"def test_{name}(" not in source] == []
+
+
+def test_kerashub_transformer(tmp_path):
+    import pytest
+
+    pytest.importorskip("keras_hub")
+    out = run_example("kerashub_transformer", tmp_path)
+    rows = table_rows(out, "grad_norm per probe")
+    blocks = [f"transformer_layer_{i}" for i in range(2)]
+    assert set(blocks) <= set(rows)
+    assert {f"{b}/self_attention" for b in blocks} <= set(rows)
+    assert {f"{b}/feedforward_output_dense" for b in blocks} <= set(rows)
+    assert all(float(cells[0]) > 0 for cells in rows.values())
+    assert "still a GPT2CausalLM" in out
