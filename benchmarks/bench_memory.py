@@ -100,7 +100,6 @@ def child(
     mode: str, probes: int, width: int, batch: int, reps: int, model_name: str = "mlp"
 ) -> dict:
     """Runs in the measuring process: builds, warms up, measures `mode`."""
-    import gc
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     sys.path.insert(0, ROOT)
@@ -115,7 +114,9 @@ def child(
     keras.utils.set_random_seed(0)
     layers: list = [keras.Input((width,))]
     for index in range(probes):
-        layers.append(keras.layers.Dense(width, activation="relu", name=f"dense_{index}"))
+        layers.append(
+            keras.layers.Dense(width, activation="relu", name=f"dense_{index}")
+        )
         layers.append(keras_actgrad.GradientProbe(name=f"dense_{index}_probe"))
     layers.append(keras.layers.Dense(10, name="logits"))
     model = keras.Sequential(layers)
@@ -181,7 +182,12 @@ def _measure(model: Any, x: Any, y: Any, mode: str, reps: int, warm: int) -> dic
 
 
 def measure(
-    backend: str, mode: str, probes: int, width: int, batch: int, reps: int,
+    backend: str,
+    mode: str,
+    probes: int,
+    width: int,
+    batch: int,
+    reps: int,
     model: str = "mlp",
     steady: bool = False,
 ) -> dict:
@@ -190,13 +196,28 @@ def measure(
         KERAS_BACKEND=backend,
         TF_CPP_MIN_LOG_LEVEL="3",
         MALLOC_MMAP_THRESHOLD_="131072",
-        **({"ACTGRAD_BENCH_STEADY": "1", "TF_ENABLE_ONEDNN_OPTS": "0"} if steady else {}),
+        **(
+            {"ACTGRAD_BENCH_STEADY": "1", "TF_ENABLE_ONEDNN_OPTS": "0"}
+            if steady
+            else {}
+        ),
         PYTHONPATH=os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")])),
     )
     command = [
-        sys.executable, os.path.abspath(__file__), "--child", mode,
-        "--probes", str(probes), "--width", str(width), "--batch", str(batch),
-        "--reps", str(reps), "--model", model,
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        mode,
+        "--probes",
+        str(probes),
+        "--width",
+        str(width),
+        "--batch",
+        str(batch),
+        "--reps",
+        str(reps),
+        "--model",
+        model,
     ]
     out = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
@@ -236,7 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         print(
             json.dumps(
                 child(
-                    args.child, args.probes[0], args.width, args.batch, args.reps,
+                    args.child,
+                    args.probes[0],
+                    args.width,
+                    args.batch,
+                    args.reps,
                     args.model,
                 )
             )
@@ -267,8 +292,14 @@ def main(argv: list[str] | None = None) -> int:
             returned = 0
             for mode in args.modes:
                 result = measure(
-                    backend, mode, probes, args.width, args.batch, args.reps,
-                    args.model, args.steady,
+                    backend,
+                    mode,
+                    probes,
+                    args.width,
+                    args.batch,
+                    args.reps,
+                    args.model,
+                    args.steady,
                 )
                 peaks[mode] = result["peak"] / mb
                 returned = max(returned, result["returned"] / mb)
@@ -278,7 +309,11 @@ def main(argv: list[str] | None = None) -> int:
             train = peaks.get("train")
             if train:
                 for mode in ("event", "histograms"):
-                    line += f"  {peaks[mode] / train:>10.2f}x" if mode in peaks else " " * 13
+                    line += (
+                        f"  {peaks[mode] / train:>10.2f}x"
+                        if mode in peaks
+                        else " " * 13
+                    )
                 if "actgrad" in peaks:
                     line += f"  {(peaks['actgrad'] - returned) / train:>8.2f}x"
                     line += f" (returns {returned:.0f} MB)"

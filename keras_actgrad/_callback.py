@@ -25,8 +25,8 @@ from keras_actgrad._backends.base import LossSpec, PassConfig
 from keras_actgrad._engine import Batch, ProbeEngine, get_engine
 from keras_actgrad._engine.inputs import batch_size, standardize
 from keras_actgrad._engine.losses import check_loss
-from keras_actgrad._statistics import chunks
 from keras_actgrad._events import history, to_columns
+from keras_actgrad._statistics import chunks
 from keras_actgrad._statistics.statistics import (
     DEFAULT_BINS,
     STATISTICS,
@@ -426,14 +426,14 @@ class ActivationGradientCallback(keras.callbacks.Callback):
         if size is None or total is None:
             return []
         self._mean_loss = chunks.averaged(self.model, self.loss)
-        assert self._engine is not None
+        engine = get_engine(self.model)
         parts = [
             chunks.split(standardize(data), size, total)
             for data in (self._x, self._y, self._sample_weight)
         ]
         self._chunk_rows = [min(size, total - start) for start in range(0, total, size)]
         return [
-            self._engine.prepare(x, y, sample_weight, self.loss)
+            engine.prepare(x, y, sample_weight, self.loss)
             for x, y, sample_weight in zip(*parts, strict=True)
         ]
 

@@ -86,11 +86,17 @@ def test_chunks_equal_the_whole_batch(loss, size, weighted):
             assert np.any(result.activation[:, 1] != 0)
         for stat in STATISTICS:
             np.testing.assert_allclose(
-                chunked[name][stat], whole[name][stat], rtol=2e-5, atol=1e-9,
+                chunked[name][stat],
+                whole[name][stat],
+                rtol=2e-5,
+                atol=1e-9,
                 err_msg=f"{name} {stat} chunked vs whole",
             )
             np.testing.assert_allclose(
-                chunked[name][stat], expected[stat], rtol=2e-5, atol=1e-9,
+                chunked[name][stat],
+                expected[stat],
+                rtol=2e-5,
+                atol=1e-9,
                 err_msg=f"{name} {stat} chunked vs NumPy",
             )
 
@@ -105,7 +111,10 @@ def test_chunks_with_an_activity_regularizer():
     for name in whole:
         for stat in STATISTICS:
             np.testing.assert_allclose(
-                chunked[name][stat], whole[name][stat], rtol=2e-5, atol=1e-9,
+                chunked[name][stat],
+                whole[name][stat],
+                rtol=2e-5,
+                atol=1e-9,
                 err_msg=f"{name} {stat}",
             )
 
@@ -118,9 +127,7 @@ def test_chunks_with_nonfinite_values():
     x, y, _ = data()
     x[40, 3] = np.inf
     whole = probe_statistics(model, (x, y), on_nonfinite="warn")
-    chunked = probe_statistics(
-        model, (x, y), on_nonfinite="warn", probe_batch_size=32
-    )
+    chunked = probe_statistics(model, (x, y), on_nonfinite="warn", probe_batch_size=32)
     results = keras_actgrad.activation_gradients(model, x, y)
     for name, result in results.items():
         expected = reference_statistics(result.activation, result.gradient)
@@ -129,7 +136,10 @@ def test_chunks_with_nonfinite_values():
                 chunked[name][stat], expected[stat], rtol=1e-6, err_msg=f"{name} {stat}"
             )
             np.testing.assert_allclose(
-                chunked[name][stat], whole[name][stat], rtol=1e-6, err_msg=f"{name} {stat}"
+                chunked[name][stat],
+                whole[name][stat],
+                rtol=1e-6,
+                err_msg=f"{name} {stat}",
             )
 
 

@@ -94,18 +94,19 @@ def averaged(model: keras.Model, loss: Any) -> bool:
         "their statistics exactly, which needs a loss averaged over the batch "
         "(reduction 'sum_over_batch_size', the Keras default) or summed over "
         "it (reduction 'sum'). Use such a loss, or probe the batch whole "
-        f"(`probe_batch_size=None`). Received: loss reductions {sorted(map(str, reductions))}."
+        "(`probe_batch_size=None`). Received: loss reductions "
+        f"{sorted(map(str, reductions))}."
     )
 
 
-def _moments(reducer: StatisticsReducer, vector: np.ndarray, names: list[str]) -> dict[str, dict[str, np.float64]]:
+def _moments(
+    reducer: StatisticsReducer, vector: np.ndarray, names: list[str]
+) -> dict[str, dict[str, np.float64]]:
     vector = np.asarray(vector, dtype=np.float32).reshape(-1)
     moments = reducer.moments
     width = reducer.row_size
     return {
-        name: {
-            m: np.float64(vector[i * width + j]) for j, m in enumerate(moments)
-        }
+        name: {m: np.float64(vector[i * width + j]) for j, m in enumerate(moments)}
         for i, name in enumerate(names)
     }
 
@@ -151,12 +152,12 @@ def combine(
             elif moment == "a_units":
                 combined[moment] = values[0]
             elif moment == "a_dead":
-                counts = sum(
-                    np.asarray(out[1][p], dtype=np.float64) for out in outputs
-                )
+                counts = sum(np.asarray(out[1][p], dtype=np.float64) for out in outputs)
                 combined[moment] = np.float64(np.sum(counts == 0.0))
             else:  # pragma: no cover - every moment is listed above
-                raise ValueError(f"Internal error: no chunk combination for {moment!r}.")
+                raise ValueError(
+                    f"Internal error: no chunk combination for {moment!r}."
+                )
         statistics[name] = {
             stat: _finish(stat, combined) for stat in reducer.statistics
         }
