@@ -13,22 +13,29 @@ each probe tensor holds batch x width float32 values: 8 MB at the issue's
 
 Method: one fresh process per measurement (a peak is a high-water mark, and
 allocators keep memory they freed). The process builds the model and data
-and runs the measured call once (traces and compiles, creates the optimizer
-state), then resets the kernel's peak-RSS counter (`VmHWM`, by writing 5 to
-`/proc/self/clear_refs`), reads the current RSS as the baseline, runs the
-call `--reps` times and reports `VmHWM - baseline`: the memory the call
-needs on top of the model, its data and the compiled program.
-`tracemalloc` would miss it: TensorFlow, XLA and PyTorch allocate tensors
-in C++, outside Python's allocator. glibc's mmap threshold is pinned
-(`MALLOC_MMAP_THRESHOLD_`), so that large buffers go back to the system
-when freed, as a device allocator's would, instead of staying resident in
-the heap and hiding the next call's peak.
+and warms up: the measured call on a few examples (traces, compiles,
+creates the optimizer state). It then reads its RSS as the baseline,
+resets the kernel's peak-RSS counter (`VmHWM`, by writing 5 to
+`/proc/self/clear_refs`), runs the call on the whole batch `--reps` times
+and reports `VmHWM - baseline`: the memory the call needs on top of the
+model and its data, including its first trace at the batch's shape and,
+on TensorFlow, the growth of oneDNN's CPU allocator pool (it never shrinks).
+`--steady` warms up on the whole batch instead, with TensorFlow's plain
+allocator (`TF_ENABLE_ONEDNN_OPTS=0`): the call's own peak, as a device
+would see it. `tracemalloc` would miss all of it: TensorFlow, XLA and
+PyTorch allocate tensors in C++, outside Python's allocator. glibc's mmap
+threshold is pinned (`MALLOC_MMAP_THRESHOLD_`), so that large buffers go
+back to the system when freed, as a device allocator's would, instead of
+staying in the heap and hiding the next call's peak. Numbers measured while
+other processes use the CPU are indicative.
 
 Usage:
 
     python benchmarks/bench_memory.py                 # all backends, 8/24/48 probes
     python benchmarks/bench_memory.py --backends tensorflow --probes 24
     python benchmarks/bench_memory.py --quick         # Dense(512), batch 1024
+    python benchmarks/bench_memory.py --steady        # without the first trace
+    python benchmarks/bench_memory.py --model resnet50 --backends tensorflow
 """
 
 from __future__ import annotations
@@ -45,6 +52,11 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
 MODES = ("train", "event", "histograms", "actgrad")
+# --steady: warm up on the whole batch (the measured call's own trace and
+# compilation excluded) with TensorFlow's plain allocator
+# (TF_ENABLE_ONEDNN_OPTS=0: oneDNN's keeps a pool that never shrinks, so a
+# warm-up on the whole batch would hide the next call's peak).
+STEADY = os.environ.get("ACTGRAD_BENCH_STEADY") == "1"
 
 
 def _status(field: str) -> int:
@@ -88,7 +100,6 @@ def child(
     mode: str, probes: int, width: int, batch: int, reps: int, model_name: str = "mlp"
 ) -> dict:
     """Runs in the measuring process: builds, warms up, measures `mode`."""
-    import gc
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     sys.path.insert(0, ROOT)
@@ -99,7 +110,7 @@ def child(
 
     if model_name != "mlp":
         model, x, y = build_application(model_name, batch)
-        return _measure(model, x, y, mode, reps, warm=8)
+        return _measure(model, x, y, mode, reps, warm=batch if STEADY else 8)
     keras.utils.set_random_seed(0)
     layers: list = [keras.Input((width,))]
     for index in range(probes):
@@ -116,7 +127,7 @@ def child(
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch, width)).astype("float32")
     y = rng.integers(0, 10, size=(batch,)).astype("int32")
-    return _measure(model, x, y, mode, reps, warm=32)
+    return _measure(model, x, y, mode, reps, warm=batch if STEADY else 32)
 
 
 def _measure(model: Any, x: Any, y: Any, mode: str, reps: int, warm: int) -> dict:
@@ -178,12 +189,18 @@ def measure(
     batch: int,
     reps: int,
     model: str = "mlp",
+    steady: bool = False,
 ) -> dict:
     env = dict(os.environ)
     env.update(
         KERAS_BACKEND=backend,
         TF_CPP_MIN_LOG_LEVEL="3",
         MALLOC_MMAP_THRESHOLD_="131072",
+        **(
+            {"ACTGRAD_BENCH_STEADY": "1", "TF_ENABLE_ONEDNN_OPTS": "0"}
+            if steady
+            else {}
+        ),
         PYTHONPATH=os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")])),
     )
     command = [
@@ -225,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
         help="mlp: probes x Dense(width); resnet50 / densenet121: "
         "keras.applications (weights=None, 64x64 images, insert_probes), "
         "--batch 32 unless given",
+    )
+    parser.add_argument(
+        "--steady",
+        action="store_true",
+        help="warm up on the whole batch, TensorFlow without oneDNN's pool: "
+        "the call's own peak, without its first trace",
     )
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -276,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.batch,
                     args.reps,
                     args.model,
+                    args.steady,
                 )
                 peaks[mode] = result["peak"] / mb
                 returned = max(returned, result["returned"] / mb)

@@ -470,14 +470,14 @@ class ActivationGradientCallback(keras.callbacks.Callback):
         if size is None or total is None:
             return []
         self._mean_loss = chunks.averaged(self.model, self.loss)
-        assert self._engine is not None
+        engine = get_engine(self.model)
         parts = [
             chunks.split(standardize(data), size, total)
             for data in (self._x, self._y, self._sample_weight)
         ]
         self._chunk_rows = [min(size, total - start) for start in range(0, total, size)]
         return [
-            self._engine.prepare(x, y, sample_weight, self.loss)
+            engine.prepare(x, y, sample_weight, self.loss)
             for x, y, sample_weight in zip(*parts, strict=True)
         ]
 

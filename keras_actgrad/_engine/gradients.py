@@ -181,13 +181,13 @@ def _in_chunks(
     x, y, sample_weight = standardize(x), standardize(y), standardize(sample_weight)
     total = batch_size(x)
     if total is None or total <= size:
-        result = engine.run(engine.prepare(x, y, sample_weight, config.loss), config)
-        return _results(result, result.outputs)
+        alone = engine.run(engine.prepare(x, y, sample_weight, config.loss), config)
+        return _results(alone, alone.outputs)
     mean_loss = chunks.averaged(engine.model, config.loss)
     parts = [chunks.split(data, size, total) for data in (x, y, sample_weight)]
     whole: dict[str, dict[str, Any]] = {"activations": {}, "gradients": {}}
-    result = None
     start = 0
+    result: Any = None
     for cx, cy, cw in zip(*parts, strict=True):
         result = engine.run(engine.prepare(cx, cy, cw, config.loss), config)
         rows = batch_size(cx) or 0
@@ -205,5 +205,4 @@ def _in_chunks(
                     )
                 whole[kind][name][start : start + rows] = array
         start += rows
-    assert result is not None
     return _results(result, whole)

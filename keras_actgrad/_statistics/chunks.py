@@ -94,7 +94,8 @@ def averaged(model: keras.Model, loss: Any) -> bool:
         "their statistics exactly, which needs a loss averaged over the batch "
         "(reduction 'sum_over_batch_size', the Keras default) or summed over "
         "it (reduction 'sum'). Use such a loss, or probe the batch whole "
-        f"(`probe_batch_size=None`). Received: loss reductions {sorted(map(str, reductions))}."
+        "(`probe_batch_size=None`). Received: loss reductions "
+        f"{sorted(map(str, reductions))}."
     )
 
 
