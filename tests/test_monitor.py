@@ -338,3 +338,30 @@ def test_bad_arguments_fail_at_construction(
     with pytest.raises(ValueError, match="Received") as error:
         GradientMonitor(**kwargs)  # type: ignore[arg-type]
     assert accepted in str(error.value)
+
+
+@pytest.mark.parametrize("mode", ["run_eagerly", "jit_compile_false"])
+def test_uncompiled_steps_are_monitored_alike(mode: str) -> None:
+    compiled = _model()
+    monitor = GradientMonitor()
+    compiled.fit(X, Y, batch_size=BATCH, shuffle=False, verbose=0, callbacks=[monitor])
+    eager = _model()
+    if mode == "run_eagerly":
+        eager.compile(
+            optimizer=keras.optimizers.Adam(1e-2),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            run_eagerly=True,
+        )
+    else:
+        eager.compile(
+            optimizer=keras.optimizers.Adam(1e-2),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            jit_compile=False,
+        )
+    again = GradientMonitor()
+    eager.fit(X, Y, batch_size=BATCH, shuffle=False, verbose=0, callbacks=[again])
+    for first, second in zip(monitor.events, again.events, strict=True):
+        for probe, values in first["statistics"].items():
+            assert second["statistics"][probe]["grad_norm"] == pytest.approx(
+                values["grad_norm"], rel=1e-5
+            )
