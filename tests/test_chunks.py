@@ -147,7 +147,7 @@ def test_chunks_in_fit():
     model = build()
     x, y, _ = data()
     callback = keras_actgrad.ActivationGradientCallback(
-        (x, y), histograms=False, probe_batch_size=40
+        (x, y), histograms=False, probe_batch_size=40, log_statistics=["grad_norm"]
     )
     history = model.fit(x, y, epochs=2, batch_size=50, callbacks=[callback], verbose=0)
     key = "actgrad/hidden_probe/grad_norm"
