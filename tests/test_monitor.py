@@ -273,18 +273,25 @@ def test_tensorboard_step_tags(tmp_path: object) -> None:
     accumulator.Reload()
     tags = accumulator.Tags()["tensors"]
     kernel = model.trainable_variables[0].path
+    from keras_actgrad._tags import (
+        global_summary_tag,
+        summary_tag,
+        weight_summary_tag,
+    )
+
     for tag in (
-        "actgrad_step/h1_probe/grad_norm",
-        "actgrad_step/h1_probe/gradient",
-        "actgrad_step/global_grad_norm",
-        f"actgrad_weights_step/{kernel}/grad_norm",
-        f"actgrad_weights_step/{kernel}/update_norm",
-        f"actgrad_weights_step/{kernel}/update_ratio",
+        summary_tag("step", "h1_probe", "grad_norm"),
+        summary_tag("step", "h1_probe", "gradient"),
+        global_summary_tag("step"),
+        weight_summary_tag("step", kernel, "grad_norm"),
+        weight_summary_tag("step", kernel, "update_norm"),
+        weight_summary_tag("step", kernel, "update_ratio"),
     ):
         assert tag in tags, (tag, tags)
-    steps = [e.step for e in accumulator.Tensors("actgrad_step/h1_probe/grad_norm")]
+    tag = summary_tag("step", "h1_probe", "grad_norm")
+    steps = [e.step for e in accumulator.Tensors(tag)]
     assert steps == [1, 2, 3, 4]
-    value = accumulator.Tensors("actgrad_step/global_grad_norm")[2]
+    value = accumulator.Tensors(global_summary_tag("step"))[2]
     got = float(tensor_util.make_ndarray(value.tensor_proto))
     assert got == pytest.approx(monitor.events[2]["global_grad_norm"], rel=1e-6)
 
