@@ -17,6 +17,7 @@ from keras_actgrad._alerts import Alerts
 from keras_actgrad._arguments import global_step, is_positive_int, writes_summaries
 from keras_actgrad._engine.step import Layout, MonitoredStep, StepConfig
 from keras_actgrad._events import to_columns
+from keras_actgrad._layers import select_layers
 from keras_actgrad._probe import find_probes
 from keras_actgrad._statistics.statistics import (
     DEFAULT_BINS,
@@ -73,8 +74,9 @@ class GradientMonitor(keras.callbacks.Callback):
         every_n_steps: Positive int: monitor the first step of each `fit`
             and every N-th after it (by global step: steps whose 0-based
             index is a multiple of N). Defaults to `1`.
-        layers: Reserved for in-place layer selections; must be `None`
-            (the model's `GradientProbe`s are monitored).
+        layers: The layers whose outputs are measured in place, selected as
+            in `ActivationGradientCallback(layers=...)`; `None` measures the
+            model's `GradientProbe`s. Defaults to `None`.
         statistics: Names of the statistics to compute (see
             `ActivationGradientCallback`), or `None` for all. Defaults to
             `("grad_norm",)`.
@@ -122,13 +124,7 @@ class GradientMonitor(keras.callbacks.Callback):
                 "`every_n_steps` must be a positive int (monitor every N "
                 f"training steps). Received: every_n_steps={every_n_steps!r}."
             )
-        if layers is not None:
-            raise ValueError(
-                "`GradientMonitor(layers=...)` is not supported yet: the "
-                "monitor reads the model's `GradientProbe`s. Add probes with "
-                "`keras_actgrad.insert_probes(model, layers=...)` and pass "
-                f"layers=None. Received: layers={layers!r}."
-            )
+        self.layers = layers
         if histograms_every_n_steps is not None and not is_positive_int(
             histograms_every_n_steps
         ):
@@ -209,24 +205,31 @@ class GradientMonitor(keras.callbacks.Callback):
         self._epoch = 0
         self._active = False
         self._fit_model: Any = None
+        self._sites: tuple[Any, ...] = ()
 
     # Keras hooks.
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         model = self.model
+        sites = () if self.layers is None else select_layers(model, self.layers)
         # Keras's `Callback.model` syncs JAX's training state into the
         # variables on every access; between steps the monitor uses this
         # reference instead (a sync mid-step would hand Keras donated buffers).
         self._fit_model = model
-        _check_model(model)
-        if self._steps_model is not model:
+        _check_model(model, probes=not sites)
+        if self._steps_model is not model or self._sites != sites:
             self._steps = {}
             self._steps_model = model
+            self._sites = sites
         self._plain = model.train_function
         self._step = global_step(model)
         self._alerts.reset()
         self._in_spike = False
-        order = [p.name for p in find_probes(model)]
+        order = (
+            [site.name for site in sites]
+            if sites
+            else [p.name for p in find_probes(model)]
+        )
         self.probe_order = order
         if (
             self.log_dir is not None
@@ -287,7 +290,7 @@ class GradientMonitor(keras.callbacks.Callback):
     def _monitored(self, histograms: bool) -> Any:
         if histograms not in self._steps:
             self._steps[histograms] = MonitoredStep(
-                self._fit_model, self._config(histograms)
+                self._fit_model, self._config(histograms), self._sites
             )
         step = self._steps[histograms]
         if self.spike_factor is not None:
@@ -486,7 +489,7 @@ def unpack(
     }
 
 
-def _check_model(model: keras.Model) -> None:
+def _check_model(model: keras.Model, probes: bool = True) -> None:
     if type(model).train_step is not keras.Model.train_step:
         raise ValueError(
             f"`GradientMonitor` reads the gradients inside Keras's own training "
@@ -497,7 +500,7 @@ def _check_model(model: keras.Model) -> None:
             "drop the `train_step` override. Received: "
             f"{type(model).__qualname__}.train_step."
         )
-    if not find_probes(model):
+    if probes and not find_probes(model):
         raise ValueError(
             f"`GradientMonitor` found no `GradientProbe` in model '{model.name}'. "
             "Add probes with `keras_actgrad.insert_probes(model)` or place "

@@ -273,18 +273,25 @@ def test_tensorboard_step_tags(tmp_path: object) -> None:
     accumulator.Reload()
     tags = accumulator.Tags()["tensors"]
     kernel = model.trainable_variables[0].path
+    from keras_actgrad._tags import (
+        global_summary_tag,
+        summary_tag,
+        weight_summary_tag,
+    )
+
     for tag in (
-        "actgrad_step/h1_probe/grad_norm",
-        "actgrad_step/h1_probe/gradient",
-        "actgrad_step/global_grad_norm",
-        f"actgrad_weights_step/{kernel}/grad_norm",
-        f"actgrad_weights_step/{kernel}/update_norm",
-        f"actgrad_weights_step/{kernel}/update_ratio",
+        summary_tag("step", "h1_probe", "grad_norm"),
+        summary_tag("step", "h1_probe", "gradient"),
+        global_summary_tag("step"),
+        weight_summary_tag("step", kernel, "grad_norm"),
+        weight_summary_tag("step", kernel, "update_norm"),
+        weight_summary_tag("step", kernel, "update_ratio"),
     ):
         assert tag in tags, (tag, tags)
-    steps = [e.step for e in accumulator.Tensors("actgrad_step/h1_probe/grad_norm")]
+    tag = summary_tag("step", "h1_probe", "grad_norm")
+    steps = [e.step for e in accumulator.Tensors(tag)]
     assert steps == [1, 2, 3, 4]
-    value = accumulator.Tensors("actgrad_step/global_grad_norm")[2]
+    value = accumulator.Tensors(global_summary_tag("step"))[2]
     got = float(tensor_util.make_ndarray(value.tensor_proto))
     assert got == pytest.approx(monitor.events[2]["global_grad_norm"], rel=1e-6)
 
@@ -327,7 +334,6 @@ def test_a_model_without_probes_is_refused() -> None:
         ({"spike_factor": "big"}, "greater than 1"),
         ({"on_nonfinite": "ignore"}, "'warn', 'raise', 'stop'"),
         ({"histogram_bins": 0}, "positive int"),
-        ({"layers": "dense"}, "layers=None"),
         ({"log_dir": 3}, "path"),
         ({"vanishing_threshold": 1e5}, "smaller than"),
     ],
@@ -364,4 +370,30 @@ def test_uncompiled_steps_are_monitored_alike(mode: str) -> None:
         for probe, values in first["statistics"].items():
             assert second["statistics"][probe]["grad_norm"] == pytest.approx(
                 values["grad_norm"], rel=1e-5
+            )
+
+
+def test_layers_in_place_equal_the_probes() -> None:
+    # A plain model measured in place at "h1" and "h2" gives the numbers of
+    # the same model with probes after those layers.
+    probed = _model()
+    plain = keras_actgrad.strip_probes(probed)
+    plain.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    by_probe, in_place = GradientMonitor(), GradientMonitor(layers=["h1", "h2"])
+    probed.fit(X, Y, batch_size=BATCH, shuffle=False, verbose=0, callbacks=[by_probe])
+    twin = keras_actgrad.strip_probes(_model())
+    twin.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    twin.fit(X, Y, batch_size=BATCH, shuffle=False, verbose=0, callbacks=[in_place])
+    sites = in_place.probe_order  # layer paths, e.g. "sequential_1/h1"
+    assert [site.rsplit("/", 1)[-1] for site in sites] == ["h1", "h2"]
+    for a, b in zip(by_probe.events, in_place.events, strict=True):
+        for probe, site in zip(("h1_probe", "h2_probe"), sites, strict=True):
+            assert b["statistics"][site]["grad_norm"] == pytest.approx(
+                a["statistics"][probe]["grad_norm"], rel=1e-5
             )

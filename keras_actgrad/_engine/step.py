@@ -35,6 +35,7 @@ import keras
 from keras_actgrad._backends import moments_class, step_hooks
 from keras_actgrad._backends.base import StepHooks
 from keras_actgrad._context import tapping
+from keras_actgrad._layers import Site, tapping_layers
 from keras_actgrad._statistics.moments import Moments
 from keras_actgrad._statistics.statistics import STATISTICS, moments_for
 
@@ -257,9 +258,13 @@ class MonitoredStep:
         config: the `StepConfig`.
     """
 
-    def __init__(self, model: keras.Model, config: StepConfig) -> None:
+    def __init__(
+        self, model: keras.Model, config: StepConfig, sites: tuple[Site, ...] = ()
+    ) -> None:
         self.model = model
         self.config = config
+        # Layers measured in place (`layers=`); empty: the model's probes.
+        self.sites = sites
         self.layout: Layout | None = None
         self.weight_paths = [v.path for v in model.trainable_variables]
         self.threshold = float("inf")
@@ -356,8 +361,12 @@ class MonitoredStep:
         for name, function in patched.items():
             object.__setattr__(optimizer, name, function)
         try:
-            with tapping(trace.tap):
-                yield
+            if self.sites:
+                with tapping_layers(self.sites, trace.tap):
+                    yield
+            else:
+                with tapping(trace.tap):
+                    yield
         finally:
             for name in patched:
                 optimizer.__dict__.pop(name, None)
