@@ -294,7 +294,7 @@ def test_callback_with_layers_in_fit():
     model, x, y = subclassed()
     model.compile(optimizer="sgd", loss="mse")
     callback = keras_actgrad.ActivationGradientCallback(
-        (x, y), layers=["block_*", "**/attention_output"]
+        (x, y), layers=["block_*", "**/attention_output"], log_statistics=["grad_norm"]
     )
     history = model.fit(x, y, epochs=2, verbose=0, callbacks=[callback])
     assert callback.probe_order == [

@@ -175,7 +175,9 @@ def test_text_classifier_in_place():
 def test_callback_with_layers_in_fit_on_a_causal_lm():
     model, x, y = _causal_lm()
     callback = keras_actgrad.ActivationGradientCallback(
-        (x, y), layers=keras_actgrad.transformer_blocks(model)
+        (x, y),
+        layers=keras_actgrad.transformer_blocks(model),
+        log_statistics=["grad_norm"],
     )
     history = model.fit(x, y, epochs=2, verbose=0, callbacks=[callback])
     norms = history.history["actgrad/transformer_layer_1/grad_norm"]
