@@ -7,7 +7,9 @@ whether this worker writes summaries).
 
 from __future__ import annotations
 
+import math
 import numbers
+import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -134,3 +136,54 @@ def _numpy_leaves(data: Any) -> Any:
         return leaf
 
     return keras.tree.map_structure(convert, data)
+
+
+ON_NONFINITE = ("warn", "raise", "stop")
+
+
+def check_alert_arguments(
+    on_nonfinite: Any,
+    histogram_bins: Any,
+    vanishing_threshold: Any,
+    exploding_threshold: Any,
+) -> None:
+    """Checks the alert and histogram arguments both callbacks take."""
+    if on_nonfinite not in ON_NONFINITE:
+        raise ValueError(
+            f"Unknown `on_nonfinite`: {on_nonfinite!r}. Accepted values: "
+            f"{list(ON_NONFINITE)}. Received: on_nonfinite={on_nonfinite!r}."
+        )
+    if not is_positive_int(histogram_bins):
+        raise ValueError(
+            "`histogram_bins` must be a positive int. "
+            f"Received: histogram_bins={histogram_bins!r}."
+        )
+    for name, value in (
+        ("vanishing_threshold", vanishing_threshold),
+        ("exploding_threshold", exploding_threshold),
+    ):
+        if (
+            not isinstance(value, numbers.Real)
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            raise ValueError(
+                f"`{name}` must be a positive finite number. "
+                f"Received: {name}={value!r}."
+            )
+    if vanishing_threshold >= exploding_threshold:
+        raise ValueError(
+            "`vanishing_threshold` must be smaller than `exploding_threshold`. "
+            f"Received: vanishing_threshold={vanishing_threshold!r}, "
+            f"exploding_threshold={exploding_threshold!r}."
+        )
+
+
+def check_log_dir(log_dir: Any) -> str | None:
+    """`log_dir` as a string path, or None."""
+    if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
+        raise ValueError(
+            "`log_dir` must be a path (a string) or None. "
+            f"Received: log_dir={log_dir!r}."
+        )
+    return None if log_dir is None else os.fspath(log_dir)

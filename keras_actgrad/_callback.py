@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import numbers
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -15,7 +14,9 @@ import numpy as np
 from keras_actgrad import _alerts
 from keras_actgrad._arguments import (
     FreqSpec,
+    check_alert_arguments,
     check_freq,
+    check_log_dir,
     first_batch,
     global_step,
     is_positive_int,
@@ -41,8 +42,6 @@ from keras_actgrad._tags import (
     VANISHING_RATIO,
     log_key,
 )
-
-_ON_NONFINITE = ("warn", "raise", "stop")
 
 
 class ActivationGradientCallback(keras.callbacks.Callback):
@@ -207,11 +206,9 @@ class ActivationGradientCallback(keras.callbacks.Callback):
                 f"steps) or None (off). Received: batch_freq={batch_freq!r}."
             )
         self.batch_freq = batch_freq
-        if on_nonfinite not in _ON_NONFINITE:
-            raise ValueError(
-                f"Unknown `on_nonfinite`: {on_nonfinite!r}. Accepted values: "
-                f"{list(_ON_NONFINITE)}. Received: on_nonfinite={on_nonfinite!r}."
-            )
+        check_alert_arguments(
+            on_nonfinite, histogram_bins, vanishing_threshold, exploding_threshold
+        )
         self.on_nonfinite = on_nonfinite
         self.statistics = check_statistics(statistics, "statistics")
         if log_statistics is None:
@@ -232,36 +229,7 @@ class ActivationGradientCallback(keras.callbacks.Callback):
         self.log_statistics = log_statistics
         check_loss(loss)
         self.loss = loss
-        if not is_positive_int(histogram_bins):
-            raise ValueError(
-                "`histogram_bins` must be a positive int. "
-                f"Received: histogram_bins={histogram_bins!r}."
-            )
-        for name, value in (
-            ("vanishing_threshold", vanishing_threshold),
-            ("exploding_threshold", exploding_threshold),
-        ):
-            if (
-                not isinstance(value, numbers.Real)
-                or not math.isfinite(value)
-                or value <= 0
-            ):
-                raise ValueError(
-                    f"`{name}` must be a positive finite number. "
-                    f"Received: {name}={value!r}."
-                )
-        if vanishing_threshold >= exploding_threshold:
-            raise ValueError(
-                "`vanishing_threshold` must be smaller than `exploding_threshold`. "
-                f"Received: vanishing_threshold={vanishing_threshold!r}, "
-                f"exploding_threshold={exploding_threshold!r}."
-            )
-        if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
-            raise ValueError(
-                "`log_dir` must be a path (a string) or None. "
-                f"Received: log_dir={log_dir!r}."
-            )
-        self.log_dir = None if log_dir is None else os.fspath(log_dir)
+        self.log_dir = check_log_dir(log_dir)
         if profile_images and self.log_dir is None:
             raise ValueError(
                 "`profile_images=True` writes TensorBoard images, so it needs "

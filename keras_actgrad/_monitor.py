@@ -14,7 +14,13 @@ import keras
 import numpy as np
 
 from keras_actgrad._alerts import Alerts
-from keras_actgrad._arguments import global_step, is_positive_int, writes_summaries
+from keras_actgrad._arguments import (
+    check_alert_arguments,
+    check_log_dir,
+    global_step,
+    is_positive_int,
+    writes_summaries,
+)
 from keras_actgrad._engine.step import Layout, MonitoredStep, StepConfig
 from keras_actgrad._events import to_columns
 from keras_actgrad._layers import select_layers
@@ -35,7 +41,6 @@ from keras_actgrad._tags import (
     weight_summary_tag,
 )
 
-_ON_NONFINITE = ("warn", "raise", "stop")
 # The event fields of `_tags.WEIGHT_STATISTICS`, in that order.
 _WEIGHT_FIELDS = ("weight_grad_norms", "update_norms", "update_ratios")
 # Running median of the global gradient norm: the last this many monitored
@@ -144,40 +149,9 @@ class GradientMonitor(keras.callbacks.Callback):
                 "is a global gradient norm above spike_factor times its running "
                 f"median) or None (off). Received: spike_factor={spike_factor!r}."
             )
-        if on_nonfinite not in _ON_NONFINITE:
-            raise ValueError(
-                f"Unknown `on_nonfinite`: {on_nonfinite!r}. Accepted values: "
-                f"{list(_ON_NONFINITE)}. Received: on_nonfinite={on_nonfinite!r}."
-            )
-        if not is_positive_int(histogram_bins):
-            raise ValueError(
-                "`histogram_bins` must be a positive int. "
-                f"Received: histogram_bins={histogram_bins!r}."
-            )
-        for name, value in (
-            ("vanishing_threshold", vanishing_threshold),
-            ("exploding_threshold", exploding_threshold),
-        ):
-            if (
-                not isinstance(value, numbers.Real)
-                or not math.isfinite(value)
-                or value <= 0
-            ):
-                raise ValueError(
-                    f"`{name}` must be a positive finite number. "
-                    f"Received: {name}={value!r}."
-                )
-        if vanishing_threshold >= exploding_threshold:
-            raise ValueError(
-                "`vanishing_threshold` must be smaller than `exploding_threshold`. "
-                f"Received: vanishing_threshold={vanishing_threshold!r}, "
-                f"exploding_threshold={exploding_threshold!r}."
-            )
-        if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
-            raise ValueError(
-                "`log_dir` must be a path (a string) or None. "
-                f"Received: log_dir={log_dir!r}."
-            )
+        check_alert_arguments(
+            on_nonfinite, histogram_bins, vanishing_threshold, exploding_threshold
+        )
         self.every_n_steps = int(every_n_steps)
         self.statistics = check_statistics(statistics, "statistics")
         self.weight_gradients = bool(weight_gradients)
@@ -185,7 +159,7 @@ class GradientMonitor(keras.callbacks.Callback):
             None if histograms_every_n_steps is None else int(histograms_every_n_steps)
         )
         self.spike_factor = None if spike_factor is None else float(spike_factor)
-        self.log_dir = None if log_dir is None else os.fspath(log_dir)
+        self.log_dir = check_log_dir(log_dir)
         self.on_nonfinite = on_nonfinite
         self.histogram_bins = int(histogram_bins)
         self.vanishing_threshold = float(vanishing_threshold)
