@@ -183,3 +183,32 @@ def test_callback_with_layers_in_fit_on_a_causal_lm():
     norms = history.history["actgrad/transformer_layer_1/grad_norm"]
     assert len(norms) == 2 and np.all(np.isfinite(norms))
     assert callback.probe_order == ["transformer_layer_0", "transformer_layer_1"]
+
+
+@pytest.mark.parametrize("name", ["bert", "gemma", "t5"])
+def test_insert_and_strip_probes_on_backbones(name):
+    # These graphs hold Keras operations as nodes (`x + y`, `x[..., 0]`),
+    # where `insert_probes` used to raise AttributeError.
+    keras.utils.set_random_seed(0)
+    model, x = _backbone(name)
+    operations = [o for o in model.operations if not isinstance(o, keras.layers.Layer)]
+    assert operations  # the construct `insert_probes` used to fail on
+    want = keras.tree.map_structure(ops.convert_to_numpy, model(x))
+    probed = keras_actgrad.insert_probes(model)
+    probes = keras_actgrad.find_probes(probed)
+    assert probes
+    got = keras.tree.map_structure(ops.convert_to_numpy, probed(x))
+    for expected, actual in zip(
+        keras.tree.flatten(want), keras.tree.flatten(got), strict=True
+    ):
+        np.testing.assert_array_equal(actual, expected)
+    stripped = keras_actgrad.strip_probes(probed)
+    assert keras_actgrad.find_probes(stripped) == []
+    assert [layer.name for layer in stripped.layers] == [
+        layer.name for layer in model.layers
+    ]
+    back = keras.tree.map_structure(ops.convert_to_numpy, stripped(x))
+    for expected, actual in zip(
+        keras.tree.flatten(want), keras.tree.flatten(back), strict=True
+    ):
+        np.testing.assert_array_equal(actual, expected)
