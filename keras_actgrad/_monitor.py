@@ -21,6 +21,7 @@ from keras_actgrad._arguments import (
     is_positive_int,
     writes_summaries,
 )
+from keras_actgrad._engine.distribution import check_distribution
 from keras_actgrad._engine.step import Layout, MonitoredStep, StepConfig
 from keras_actgrad._events import to_columns
 from keras_actgrad._layers import select_layers
@@ -69,6 +70,13 @@ class GradientMonitor(keras.callbacks.Callback):
     (everything the optimizer did: learning rate, momentum, weight decay,
     clipping), and ||Δw|| / ||w|| (w before the update).
 
+    Distribution: under `tf.distribute.MirroredStrategy` (TensorFlow) and
+    `keras.distribution.DataParallel` or `ModelParallel` (JAX, one process)
+    the values are those of the global batch, equal to one device's: each
+    replica gathers every replica's tapped tensors, and the weight-gradient
+    norms are of the gradients summed over the replicas. Other distributed
+    setups are refused in `on_train_begin`.
+
     Where the numbers go: `events` (kind `"step"`, `step` = global step
     after the update), TensorBoard (`<log_dir>/actgrad/`, prefixes
     `actgrad_step/` and `actgrad_weights_step/`, step = global step), and the
@@ -104,8 +112,9 @@ class GradientMonitor(keras.callbacks.Callback):
     Raises:
         ValueError: for invalid arguments (here), and in `on_train_begin` for
             a model without probes, a model whose class overrides
-            `train_step` (use `ActivationGradientCallback`), or
-            `steps_per_execution` > 1.
+            `train_step` (use `ActivationGradientCallback`),
+            `steps_per_execution` > 1, or a distributed setup other than
+            those above.
     """
 
     def __init__(
@@ -226,6 +235,12 @@ class GradientMonitor(keras.callbacks.Callback):
                     f"`log_dir`: {error}. Pass a writable directory, or "
                     f"log_dir=None. Received: log_dir={self.log_dir!r}."
                 ) from error
+        # The monitored steps are built now: under a `keras.distribution`,
+        # Keras's JAX trainer reads the variables' shardings when it builds a
+        # train function, and `fit` detaches the variables' values from its
+        # first step on. (Building traces nothing: that happens on first use.)
+        for histograms in (False, True) if self.histograms_every_n_steps else (False,):
+            self._monitored(histograms)
         self._active = True
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
@@ -488,22 +503,7 @@ def _check_model(model: keras.Model, probes: bool = True) -> None:
             "`steps_per_execution=1` in `model.compile`. Received: "
             f"steps_per_execution={steps}."
         )
-    distributed = keras.distribution.distribution() is not None
-    strategy = getattr(model, "distribute_strategy", None)
-    replicas = getattr(strategy, "num_replicas_in_sync", 1)
-    if distributed or replicas != 1:
-        where = (
-            f"keras.distribution {type(keras.distribution.distribution()).__name__}"
-            if distributed
-            else f"{type(strategy).__name__} with {replicas} replicas"
-        )
-        raise ValueError(
-            "`GradientMonitor` does not support distributed training yet (its "
-            "statistics would be those of one replica's share of the batch). "
-            "Use `ActivationGradientCallback` (it supports `tf.distribute` and "
-            "`keras.distribution`), or train on one device. "
-            f"Received: {where}."
-        )
+    check_distribution(model)
     if getattr(model, "optimizer", None) is None:
         raise ValueError(
             f"`GradientMonitor` needs a compiled model with an optimizer. "

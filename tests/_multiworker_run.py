@@ -64,7 +64,16 @@ def main():
         tape.watch(h)
         loss = tf.reduce_mean(tf.square(model.get_layer("d2")(h) - y))
     reference = tape.gradient(loss, h).numpy().astype("float64")
+    # The monitor cannot combine the workers' shares of a batch: refused.
+    monitor = keras_actgrad.GradientMonitor()
+    monitor.set_model(model)
+    try:
+        monitor.on_train_begin()
+        monitor_error = None
+    except ValueError as error:
+        monitor_error = str(error)
     return {
+        "monitor_error": monitor_error,
         "should_save_summary": strategy.extended.should_save_summary,
         "replicas": strategy.num_replicas_in_sync,
         "grad_norm": logs["actgrad/hidden/grad_norm"],

@@ -119,3 +119,11 @@ def test_multiworker_only_the_chief_writes_summaries(runs):
     assert chief["events"] == worker["events"] == 1
     assert chief["grad_norm"] == worker["grad_norm"]
     assert chief["grad_norm"] == pytest.approx(chief["reference_grad_norm"], rel=1e-5)
+
+
+def test_multiworker_monitor_is_refused(runs):
+    for name in ("chief", "worker"):
+        message = runs[name]["monitor_error"]
+        assert message is not None, name
+        assert "MirroredStrategy" in message and "Received: " in message
+        assert "with 2 replicas" in message

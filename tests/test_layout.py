@@ -82,12 +82,18 @@ def test_only_the_adapters_import_their_framework():
         "tensorflow": {
             "_backends/tensorflow.py",
             "_backends/step_tensorflow.py",
+            "_backends/replicas_tensorflow.py",
             "_statistics/moments_tensorflow.py",
         },
-        "jax": {"_backends/jax.py", "_backends/step_jax.py"},
+        "jax": {
+            "_backends/jax.py",
+            "_backends/step_jax.py",
+            "_backends/replicas_jax.py",
+        },
         "torch": {
             "_backends/torch.py",
             "_backends/step_torch.py",
+            "_backends/replicas_torch.py",
             "_statistics/moments_torch.py",
         },
     }

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import keras
 
-from keras_actgrad._backends.base import Adapter, StepHooks
+from keras_actgrad._backends.base import Adapter, Replicas, StepHooks
 from keras_actgrad._statistics.moments import Moments
 
 BACKENDS = ("tensorflow", "jax", "torch")
@@ -62,3 +62,20 @@ def step_hooks() -> type[StepHooks]:
     from keras_actgrad._backends.step_torch import TorchStepHooks
 
     return TorchStepHooks
+
+
+def replicas() -> type[Replicas]:
+    """How the monitored step combines replicas (TensorFlow's `tf.distribute`)."""
+    backend = keras.backend.backend()
+    adapter_class()  # the same check of the backend
+    if backend == "tensorflow":
+        from keras_actgrad._backends.replicas_tensorflow import TensorFlowReplicas
+
+        return TensorFlowReplicas
+    if backend == "jax":
+        from keras_actgrad._backends.replicas_jax import JaxReplicas
+
+        return JaxReplicas
+    from keras_actgrad._backends.replicas_torch import TorchReplicas
+
+    return TorchReplicas

@@ -280,6 +280,47 @@ class StepHooks(Protocol):
         ...
 
 
+class Replicas(Protocol):
+    """How the monitored step combines the replicas' shares of the batch.
+
+    Under `tf.distribute.MirroredStrategy` each replica runs the step on its
+    share (`replicas_tensorflow.py`); elsewhere one program sees the global
+    batch (JAX's `keras.distribution` shards arrays inside one `jit`), and
+    `gather` and `sum` return their arguments (`OneProgram`).
+    """
+
+    @staticmethod
+    def gather(activation: Tensor, gradient: Tensor) -> tuple[Tensor, Tensor]:
+        """A tap's activation and gradient over the global batch."""
+        ...
+
+    @staticmethod
+    def sum(gradients: list[Tensor]) -> list[Tensor]:
+        """The weight gradients summed over the replicas, as the optimizer does."""
+        ...
+
+    @staticmethod
+    def unsupported(model: keras.Model) -> str | None:
+        """A distributed setup the monitor cannot combine, described; else None."""
+        ...
+
+
+class OneProgram:
+    """`Replicas` where one program computes the global batch: nothing to do."""
+
+    @staticmethod
+    def gather(activation: Tensor, gradient: Tensor) -> tuple[Tensor, Tensor]:
+        return activation, gradient
+
+    @staticmethod
+    def sum(gradients: list[Tensor]) -> list[Tensor]:
+        return gradients
+
+    @staticmethod
+    def unsupported(model: keras.Model) -> str | None:
+        return None
+
+
 def keras_train_function(
     model: keras.Model, train_step: Callable[..., Any]
 ) -> Callable[..., Any]:

@@ -32,7 +32,7 @@ from typing import Any
 
 import keras
 
-from keras_actgrad._backends import moments_class, step_hooks
+from keras_actgrad._backends import moments_class, replicas, step_hooks
 from keras_actgrad._backends.base import StepHooks
 from keras_actgrad._context import tapping
 from keras_actgrad._layers import Site, tapping_layers
@@ -109,6 +109,7 @@ class _Trace:
         self.spike: Tensor | None = None
         self._calls: dict[str, int] = {}
         self._probe_class = moments_class()
+        self._replicas = replicas()
 
     def tap(self, probe: Any, tensor: Tensor) -> Tensor:
         count = self._calls.get(probe.name, 0)
@@ -119,6 +120,8 @@ class _Trace:
             return tensor
 
         def on_gradient(activation: Tensor, gradient: Tensor) -> None:
+            # Under tf.distribute: the global batch's, from every replica.
+            activation, gradient = self._replicas.gather(activation, gradient)
             gradient = keras.ops.cast(gradient, "float32")
             scale = self.scale()
             if scale is not None:
@@ -140,7 +143,8 @@ class _Trace:
     ) -> None:
         """Weight-gradient norms (unscaled), update norms, weight norms."""
         grad_sq = []
-        for g in grads:
+        # Under tf.distribute: summed over the replicas, as the optimizer does.
+        for g in self._replicas.sum(grads):
             if g is None:
                 grad_sq.append(keras.ops.convert_to_tensor(float("nan")))
                 continue
