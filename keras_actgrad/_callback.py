@@ -140,18 +140,21 @@ class ActivationGradientCallback(keras.callbacks.Callback):
             than a probe pass of a small model. Defaults to `False`.
         probe_batch_size: Run the probe batch in consecutive chunks of at
             most this many examples, one pass each, and combine their
-            statistics into the whole batch's (exactly, up to float32
-            rounding: sums, maxima, counts, means, the variance, dead units;
-            each chunk's gradient is scaled by its share of a loss averaged
-            over the batch). Probes 4096 examples on a device that trains
-            256. Histograms are binned in the whole batch's range (a first,
-            cheaper pass over the chunks finds it, only when `histograms`
-            is on) and their counts added; weight-gradient norms are those
-            of the chunks' gradients summed on the device (one copy of the
-            weights). Needs a loss averaged or summed over the batch (and,
-            with `weight_gradients`, no weight regularization under a summed
-            `loss="model"`). `None` runs the batch whole. Defaults to
-            `None`.
+            results into the whole batch's: probes 4096 examples on a
+            device that trains 256. Every statistic (sums, maxima, counts,
+            means, the variance, dead units; each chunk's gradient scaled
+            by its share of a loss averaged over the batch) and the
+            weight-gradient norms (of the chunks' gradients, summed on the
+            device: one more copy of the weights) equal the whole batch's
+            up to float32 rounding; histogram counts equal them exactly (a
+            first, cheaper pass over the chunks finds the whole batch's
+            range, only when `histograms` is on; an entry within float32
+            rounding of a bin edge may still fall either side). Needs a
+            loss averaged or summed over the batch, `training=False` for
+            layers whose output depends on the batch (BatchNormalization)
+            and, with `weight_gradients`, no weight regularization under a
+            summed `loss="model"` (it would count once per chunk). `None`
+            runs the batch whole. Defaults to `None`.
         layers: Measure at the outputs of these layers, in place, instead
             of at the model's probes (the model is left as it was): names
             or paths, globs on paths, classes, layer objects or a predicate,
@@ -436,8 +439,8 @@ class ActivationGradientCallback(keras.callbacks.Callback):
         """The probe batch's chunks of `probe_batch_size` (none: run it whole)."""
         total = batch_size(standardize(self._x))
         size = self.probe_batch_size
-        if size is None or total is None:
-            return []
+        if size is None or total is None or total <= size:
+            return []  # one chunk: the batch itself
         self._mean_loss = chunks.averaged(self.model, self.loss)
         if self.weight_gradients:
             chunks.check_weights(self.model, self.loss, self._mean_loss)

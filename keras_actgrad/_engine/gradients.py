@@ -121,8 +121,10 @@ def activation_gradients(
     Raises:
         ValueError: for a model without probes, an unbuilt or uncompiled
             model (with `loss="model"`), missing labels, inputs of the wrong
-            shape, an empty batch, an unknown loss, or a `layers` item that
-            selects no layer (the message lists close matches).
+            shape, an empty batch, an unknown loss, a `layers` item that
+            selects no layer (the message lists close matches), or a
+            `probe_batch_size` that is not a positive int or comes with a
+            loss neither averaged nor summed over the batch.
 
     Example:
 
