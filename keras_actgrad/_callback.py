@@ -152,9 +152,10 @@ class ActivationGradientCallback(keras.callbacks.Callback):
             rounding of a bin edge may still fall either side). Needs a
             loss averaged or summed over the batch, `training=False` for
             layers whose output depends on the batch (BatchNormalization)
-            and, with `weight_gradients`, no weight regularization under a
-            summed `loss="model"` (it would count once per chunk). `None`
-            runs the batch whole. Defaults to `None`.
+            and, under a summed `loss="model"`, no activity regularizers
+            (Keras averages them over the batch) nor, with
+            `weight_gradients`, weight regularization (it would count once
+            per chunk). `None` runs the batch whole. Defaults to `None`.
         layers: Measure at the outputs of these layers, in place, instead
             of at the model's probes (the model is left as it was): names
             or paths, globs on paths, classes, layer objects or a predicate,

@@ -234,3 +234,32 @@ def test_summed_loss_with_weight_regularization_is_refused():
     callback.set_model(model)
     with pytest.raises(ValueError, match="regularization.*Received: loss reduction"):
         callback.on_train_begin()
+
+
+def test_summed_loss_with_activity_regularization_is_refused():
+    # Keras averages an activity regularizer over the batch: under a summed
+    # loss a chunk's share of it is N / n too large (weights and probes
+    # upstream of the layer). A Keras loss passed as `loss=` leaves it out.
+    model = build(activity_regularizer=keras.regularizers.L2(0.1))
+    model.compile(
+        optimizer="sgd",
+        loss=keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, reduction="sum"
+        ),
+    )
+    x, y, _ = data()
+    with pytest.raises(ValueError, match="activity regularizers on \\['hidden'\\]"):
+        keras_actgrad.activation_gradients(model, x, y, probe_batch_size=32)
+    callback = callback_for((x, y), probe_batch_size=32)
+    callback.set_model(model)
+    with pytest.raises(ValueError, match="activity regularizers"):
+        callback.on_train_begin()
+    summed = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction="sum"
+    )
+    whole = reduced(model, (x, y), loss=summed, weight_gradients=True)
+    chunked = reduced(
+        model, (x, y), loss=summed, weight_gradients=True, probe_batch_size=32
+    )
+    for path, norm in whole.weight_grad_norms.items():
+        assert chunked.weight_grad_norms[path] == pytest.approx(norm, rel=2e-5)

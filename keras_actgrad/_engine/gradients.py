@@ -96,7 +96,8 @@ def activation_gradients(
             device holds one chunk's pass at a time. Each chunk's gradient
             is scaled by its share of a loss averaged over the batch, so the
             result equals the whole batch's up to float32 rounding (needs a
-            loss averaged or summed over the batch, and `training=False`
+            loss averaged or summed over the batch, without activity
+            regularizers under a summed `loss="model"`, and `training=False`
             for layers whose output depends on the batch, such as
             BatchNormalization). `None` runs the batch whole. Defaults to
             `None`.

@@ -42,6 +42,7 @@ import keras
 import numpy as np
 
 from keras_actgrad._backends import moments_class
+from keras_actgrad._layers import layer_keys
 from keras_actgrad._statistics.statistics import (
     Reduced,
     StatisticsReducer,
@@ -91,7 +92,10 @@ def averaged(model: keras.Model, loss: Any) -> bool:
 
     Raises:
         ValueError: for a loss whose reduction cannot be split exactly
-            (`"mean_with_sample_weight"`, `"none"`, or a mix of means and sums).
+            (`"mean_with_sample_weight"`, `"none"`, or a mix of means and
+            sums), and for a compiled loss summed over the batch in a model
+            with activity regularizers (Keras averages those over the
+            batch: a chunk's would be `N / n` times too large).
     """
     if isinstance(loss, str) and loss == "sum":
         return False
@@ -102,6 +106,23 @@ def averaged(model: keras.Model, loss: Any) -> bool:
     if reductions <= {"sum_over_batch_size"}:
         return True
     if reductions == {"sum"}:
+        regularized = [
+            key
+            for key, layer in layer_keys(model)
+            if getattr(layer, "activity_regularizer", None) is not None
+        ]
+        if isinstance(loss, str) and loss == "model" and regularized:
+            raise ValueError(
+                "`probe_batch_size` splits the probe batch into chunks, and "
+                "a compiled loss summed over the batch (reduction 'sum') "
+                "adds the activity regularizers that Keras averages over the "
+                "batch: their gradients would not add up over the chunks. "
+                "Use a loss averaged over the batch (reduction "
+                "'sum_over_batch_size', the Keras default), `loss='sum'` or "
+                "a loss of your own (which leave regularizers out), or "
+                "`probe_batch_size=None`. Received: loss reduction 'sum' and "
+                f"activity regularizers on {regularized}."
+            )
         return False
     raise ValueError(
         "`probe_batch_size` splits the probe batch into chunks and combines "
