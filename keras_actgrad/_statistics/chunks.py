@@ -10,7 +10,9 @@ host in float64 into the whole batch's statistics:
   chunk of `n` of `N` examples the gradient `N / n` times the whole batch's
   one; each chunk's gradient moments are scaled back by `n / N` (sums and
   maxima by it, the sum of squares by its square). A summed loss
-  (`loss="sum"`, reduction `"sum"`) needs no scale;
+  (`loss="sum"`, reduction `"sum"`) needs no scale, but a summed compiled
+  loss must not hold activity regularizers (averaged, so off by `N / n`:
+  refused by `averaged`);
 - sums and counts add; maxima take the maximum (NaN if any is NaN, as
   NumPy's `max`); means are weighted by the chunks' example counts; the
   activation's standard deviation combines the chunks' variances and means
