@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import os
@@ -24,6 +25,7 @@ from keras_actgrad._arguments import (
 )
 from keras_actgrad._backends.base import LossSpec, PassConfig
 from keras_actgrad._engine import Batch, ProbeEngine, get_engine
+from keras_actgrad._engine.chunked import reduce_chunks
 from keras_actgrad._engine.inputs import batch_size, standardize
 from keras_actgrad._engine.losses import check_loss
 from keras_actgrad._events import history, to_columns
@@ -138,13 +140,22 @@ class ActivationGradientCallback(keras.callbacks.Callback):
             than a probe pass of a small model. Defaults to `False`.
         probe_batch_size: Run the probe batch in consecutive chunks of at
             most this many examples, one pass each, and combine their
-            statistics into the whole batch's (exactly, up to float32
-            rounding: sums, maxima, counts, means, the variance, dead units;
-            each chunk's gradient is scaled by its share of a loss averaged
-            over the batch). Probes 4096 examples on a device that trains
-            256. Needs `histograms=False` and `weight_gradients=False`, and
-            a loss averaged or summed over the batch. `None` runs the batch
-            whole. Defaults to `None`.
+            results into the whole batch's: probes 4096 examples on a
+            device that trains 256. Every statistic (sums, maxima, counts,
+            means, the variance, dead units; each chunk's gradient scaled
+            by its share of a loss averaged over the batch) and the
+            weight-gradient norms (of the chunks' gradients, summed on the
+            device: one more copy of the weights) equal the whole batch's
+            up to float32 rounding; histogram counts equal them exactly (a
+            first, cheaper pass over the chunks finds the whole batch's
+            range, only when `histograms` is on; an entry within float32
+            rounding of a bin edge may still fall either side). Needs a
+            loss averaged or summed over the batch, `training=False` for
+            layers whose output depends on the batch (BatchNormalization)
+            and, under a summed `loss="model"`, no activity regularizers
+            (Keras averages them over the batch) nor, with
+            `weight_gradients`, weight regularization (it would count once
+            per chunk). `None` runs the batch whole. Defaults to `None`.
         layers: Measure at the outputs of these layers, in place, instead
             of at the model's probes (the model is left as it was): names
             or paths, globs on paths, classes, layer objects or a predicate,
@@ -257,22 +268,12 @@ class ActivationGradientCallback(keras.callbacks.Callback):
                 "of the probe batch run at once) or None (the whole batch). "
                 f"Received: probe_batch_size={probe_batch_size!r}."
             )
-        if probe_batch_size is not None and (self.histograms or self.weight_gradients):
-            raise ValueError(
-                "`probe_batch_size` combines the chunks' statistics, but not "
-                "histograms (one range for the whole batch) or weight-gradient "
-                "norms (the summed gradients). Pass `histograms=False` and "
-                "`weight_gradients=False`, or `probe_batch_size=None`. Received: "
-                f"probe_batch_size={probe_batch_size!r}, histograms="
-                f"{self.histograms!r}, weight_gradients={self.weight_gradients!r}."
-            )
         self.probe_batch_size = probe_batch_size
         self._x, self._y, self._sample_weight = first_batch(probe_data)
         computed = set(self.statistics) | {"grad_norm", "nonfinite"}
         self._reducer = StatisticsReducer(
             statistics=tuple(name for name in STATISTICS if name in computed),
             bins=self.histogram_bins if self.histograms else 0,
-            unit_counts=probe_batch_size is not None,
         )
         self.events: list[dict[str, Any]] = []
         self.probe_order: list[str] = []
@@ -416,16 +417,20 @@ class ActivationGradientCallback(keras.callbacks.Callback):
             sites=self._sites,
         )
         if self._chunks:
-            results = [engine.run(chunk, config) for chunk in self._chunks]
-            result = results[0]
-            self.probe_order = result.order
-            return chunks.combine(
-                self._reducer,
-                [r.outputs for r in results],
+            reducer = chunks.ChunkReducer(
+                self._reducer.statistics,
+                self._reducer.bins,
+                scale_gradients=self._mean_loss,
+            )
+            reduced, last = reduce_chunks(
+                engine,
+                self._chunks,
                 self._chunk_rows,
-                result.reached,
+                dataclasses.replace(config, reducer=reducer),
                 self._mean_loss,
             )
+            self.probe_order = last.order
+            return reduced
         result = engine.run(batch, config)
         # Probes the forward pass never reached go last (NaN statistics).
         self.probe_order = result.order
@@ -435,9 +440,11 @@ class ActivationGradientCallback(keras.callbacks.Callback):
         """The probe batch's chunks of `probe_batch_size` (none: run it whole)."""
         total = batch_size(standardize(self._x))
         size = self.probe_batch_size
-        if size is None or total is None:
-            return []
+        if size is None or total is None or total <= size:
+            return []  # one chunk: the batch itself
         self._mean_loss = chunks.averaged(self.model, self.loss)
+        if self.weight_gradients:
+            chunks.check_weights(self.model, self.loss, self._mean_loss)
         engine = get_engine(self.model)
         parts = [
             chunks.split(standardize(data), size, total)

@@ -80,7 +80,11 @@ class Reducer(Protocol):
     """Turns the pass's tensors into what leaves the device.
 
     Called inside the compiled function. `key` must identify the reduction
-    (it keys the cache of compiled functions).
+    (it keys the cache of compiled functions). A reducer that reads tensors
+    given to the pass (`ProbeEngine.run(..., inputs=...)`: histogram ranges,
+    sums carried from one chunk of a batch to the next) also takes them as
+    `inputs=`; they are inputs of the compiled function, so new values do not
+    retrace it (see `reduce`).
     """
 
     @property
@@ -93,6 +97,21 @@ class Reducer(Protocol):
         weight_gradients: dict[str, Tensor | None],
         loss: Tensor,
     ) -> Any: ...
+
+
+def reduce(
+    reducer: Reducer,
+    activations: dict[str, Tensor],
+    gradients: dict[str, Tensor | None],
+    weight_gradients: dict[str, Tensor | None],
+    loss: Tensor,
+    inputs: Any = None,
+) -> Any:
+    """Calls `reducer` in a pass, with the pass's `inputs` if it has any."""
+    if inputs is None:
+        return reducer(activations, gradients, weight_gradients, loss)
+    call: Any = reducer
+    return call(activations, gradients, weight_gradients, loss, inputs=inputs)
 
 
 def _loss_key(loss: LossSpec) -> Hashable:
@@ -134,9 +153,11 @@ class Adapter(Protocol):
         loss_fn: LossFn,
         config: PassConfig,
         on_trace: Callable[[list[Tapped]], None],
-    ) -> Callable[[Any, Any, Any], Any]:
-        """Returns `run(x, y, sample_weight) -> reducer output`.
+    ) -> Callable[..., Any]:
+        """Returns `run(x, y, sample_weight, inputs=None) -> reducer output`.
 
+        `inputs` (a nested structure of tensors, or None) is given to the
+        reducer (see `reduce`) as an input of the compiled function.
         `on_trace(tapped)` is called whenever the pass is traced (once per
         new input signature), with the taps it recorded, in forward order.
         """

@@ -36,6 +36,7 @@ from keras_actgrad._backends.base import (
     forward,
     loss_scale,
     loss_scaled,
+    reduce,
     to_float32,
 )
 from keras_actgrad._statistics.moments import Moments
@@ -131,7 +132,7 @@ class JaxAdapter:
         loss_fn: LossFn,
         config: PassConfig,
         on_trace: Callable[[list[Tapped]], None],
-    ) -> Callable[[Any, Any, Any], Any]:
+    ) -> Callable[..., Any]:
         def run(
             trainable: list[Any],
             non_trainable: list[Any],
@@ -170,6 +171,7 @@ class JaxAdapter:
             y: Any,
             sample_weight: Any,
             scale: Any,
+            inputs: Any,
         ) -> Any:
             # 1. An abstract pass gives the probes' shapes (trace time only).
             record: list[tuple[str, Any, bool]] = []
@@ -261,11 +263,13 @@ class JaxAdapter:
                     variables, weight_grads, weight_connected, strict=True
                 )
             }
-            return config.reducer(activations, gradients, weight_gradients, loss)
+            return reduce(
+                config.reducer, activations, gradients, weight_gradients, loss, inputs
+            )
 
         jitted = jax.jit(step)
 
-        def function(x: Any, y: Any, sample_weight: Any) -> Any:
+        def function(x: Any, y: Any, sample_weight: Any, inputs: Any = None) -> Any:
             # Mid-`fit`, Keras's JAX trainer keeps the weights outside the
             # variables; attach them (as `Callback.model` does).
             sync = getattr(model, "jax_state_sync", None)
@@ -280,6 +284,7 @@ class JaxAdapter:
                 _distribute(y),
                 _distribute(sample_weight),
                 jnp.asarray(loss_scale(model), jnp.float32),
+                inputs,
             )
 
         return function

@@ -41,6 +41,7 @@ from keras_actgrad._backends.base import (
     loss_scale,
     loss_scaled,
     probe_scope,
+    reduce,
     to_float32,
 )
 from keras_actgrad._statistics.moments import Moments
@@ -111,8 +112,8 @@ class TensorFlowAdapter:
         loss_fn: LossFn,
         config: PassConfig,
         on_trace: Callable[[list[Tapped]], None],
-    ) -> Callable[[Any, Any, Any], Any]:
-        def step(x: Any, y: Any, sample_weight: Any, scale: Any) -> Any:
+    ) -> Callable[..., Any]:
+        def step(x: Any, y: Any, sample_weight: Any, scale: Any, inputs: Any) -> Any:
             def watched(tensor: Any) -> Any:
                 output = tf.identity(tensor)
                 tape.watch(output)
@@ -150,14 +151,16 @@ class TensorFlowAdapter:
             # instead of every probe's gradient staying alive until the
             # backward pass ends (one more copy of all probe tensors at the
             # peak; benchmarks/bench_memory.py).
-            return config.reducer(activations, gradients, weight_gradients, loss)
+            return reduce(
+                config.reducer, activations, gradients, weight_gradients, loss, inputs
+            )
 
         function = tf.function(step)
 
-        def run(x: Any, y: Any, sample_weight: Any) -> Any:
+        def run(x: Any, y: Any, sample_weight: Any, inputs: Any = None) -> Any:
             scale = tf.constant(loss_scale(model), tf.float32)
             if not tf.distribute.has_strategy():
-                return function(x, y, sample_weight, scale)
+                return function(x, y, sample_weight, scale, inputs)
             if not tf.distribute.in_cross_replica_context():
                 raise RuntimeError(
                     "The probe pass cannot run inside `strategy.run` (a replica "
@@ -167,7 +170,9 @@ class TensorFlowAdapter:
                     f"{type(tf.distribute.get_strategy()).__name__}."
                 )
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                return pool.submit(function, x, y, sample_weight, scale).result()
+                return pool.submit(
+                    function, x, y, sample_weight, scale, inputs
+                ).result()
 
         return run
 

@@ -39,6 +39,7 @@ from keras_actgrad._backends.base import (
     loss_scale,
     loss_scaled,
     probe_scope,
+    reduce,
     to_float32,
 )
 from keras_actgrad._statistics.moments import Moments
@@ -107,11 +108,11 @@ class TorchAdapter:
         loss_fn: LossFn,
         config: PassConfig,
         on_trace: Callable[[list[Tapped]], None],
-    ) -> Callable[[Any, Any, Any], Any]:
+    ) -> Callable[..., Any]:
         seen: set[Any] = set()
         last_probes: list[tuple[str, bool]] = []
 
-        def step(x: Any, y: Any, sample_weight: Any) -> Any:
+        def step(x: Any, y: Any, sample_weight: Any, reducer_inputs: Any = None) -> Any:
             def node(tensor: Any) -> Any:
                 if tensor.requires_grad:
                     return tensor.view_as(tensor)
@@ -162,7 +163,14 @@ class TorchAdapter:
             activations = {t.name: _detach(t.activation) for t in tapped}
             loss = loss.detach()
             with torch.no_grad():
-                return config.reducer(activations, gradients, weight_gradients, loss)
+                return reduce(
+                    config.reducer,
+                    activations,
+                    gradients,
+                    weight_gradients,
+                    loss,
+                    reducer_inputs,
+                )
 
         return step
 

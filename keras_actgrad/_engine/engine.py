@@ -68,6 +68,9 @@ class PassResult:
             floating point (else it has no gradient).
         weight_paths: Paths of the trainable variables whose gradients the
             pass took (empty unless `weight_gradients`), without repeats.
+        device: What a reducer returned under the key `"device"` of its
+            output dict, left as backend tensors on the device (sums carried
+            from one chunk of a batch to the next); `None` if nothing.
     """
 
     outputs: Any
@@ -75,6 +78,7 @@ class PassResult:
     unreached: list[str]
     differentiable: dict[str, bool]
     weight_paths: list[str]
+    device: Any = None
 
     @property
     def order(self) -> list[str]:
@@ -166,9 +170,9 @@ class ProbeEngine:
     def __init__(self, model: keras.Model) -> None:
         self._model_ref = weakref.ref(model)
         self._adapter = get_adapter()
-        self._functions: collections.OrderedDict[
-            Hashable, Callable[[Any, Any, Any], Any]
-        ] = collections.OrderedDict()
+        self._functions: collections.OrderedDict[Hashable, Callable[..., Any]] = (
+            collections.OrderedDict()
+        )
         self.trace_count = 0
         # Per configuration: the taps its last trace reached, and which of
         # them are differentiable.
@@ -189,7 +193,7 @@ class ProbeEngine:
             {t.name: t.differentiable for t in tapped},
         )
 
-    def function(self, config: PassConfig) -> Callable[[Any, Any, Any], Any]:
+    def function(self, config: PassConfig) -> Callable[..., Any]:
         key = config.key
         function = self._functions.get(key)
         if function is not None:
@@ -218,13 +222,21 @@ class ProbeEngine:
         check_labels(y, sample_weight, loss)
         return Batch(_to_device(x), _to_device(y), _to_device(sample_weight))
 
-    def run(self, batch: Batch, config: PassConfig) -> PassResult:
-        """Runs one pass over a prepared batch."""
+    def run(self, batch: Batch, config: PassConfig, inputs: Any = None) -> PassResult:
+        """Runs one pass over a prepared batch.
+
+        `inputs`, a nested structure of backend tensors, goes to the
+        reducer as an input of the compiled pass (see `base.reduce`): new
+        values of the same shapes reuse the compiled pass.
+        """
         model = self.model
         probes = check_model(model, config.loss, batch.y, bool(config.sites))
         function = self.function(config)
         try:
-            output = function(batch.x, batch.y, batch.sample_weight)
+            if inputs is None:
+                output = function(batch.x, batch.y, batch.sample_weight)
+            else:
+                output = function(batch.x, batch.y, batch.sample_weight, inputs)
         except (ValueError, TypeError, RuntimeError) as error:
             # A failed trace never reaches `on_trace`, so `trace_count` cannot
             # tell a trace-time error from a run-time one: wrap them all.
@@ -260,7 +272,9 @@ class ProbeEngine:
             if config.weight_gradients
             else []
         )
+        device = output.pop("device", None) if isinstance(output, dict) else None
         return PassResult(
+            device=device,
             outputs=self._to_numpy(output),
             reached=list(reached),
             unreached=unreached,

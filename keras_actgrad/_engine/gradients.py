@@ -96,7 +96,8 @@ def activation_gradients(
             device holds one chunk's pass at a time. Each chunk's gradient
             is scaled by its share of a loss averaged over the batch, so the
             result equals the whole batch's up to float32 rounding (needs a
-            loss averaged or summed over the batch, and `training=False`
+            loss averaged or summed over the batch, without activity
+            regularizers under a summed `loss="model"`, and `training=False`
             for layers whose output depends on the batch, such as
             BatchNormalization). `None` runs the batch whole. Defaults to
             `None`.
@@ -121,8 +122,10 @@ def activation_gradients(
     Raises:
         ValueError: for a model without probes, an unbuilt or uncompiled
             model (with `loss="model"`), missing labels, inputs of the wrong
-            shape, an empty batch, an unknown loss, or a `layers` item that
-            selects no layer (the message lists close matches).
+            shape, an empty batch, an unknown loss, a `layers` item that
+            selects no layer (the message lists close matches), or a
+            `probe_batch_size` that is not a positive int or comes with a
+            loss neither averaged nor summed over the batch.
 
     Example:
 

@@ -184,8 +184,19 @@ class Moments:
     def a_units(self) -> Tensor:
         return float32(keras.ops.size(self._unit_counts()))
 
-    def histogram(self, which: str, bins: int) -> Tensor:
-        """The histogram (see `histogram`) of the activation (`"a"`) or gradient."""
+    def histogram(
+        self, which: str, bins: int, bounds: Sequence[Tensor] | None = None
+    ) -> Tensor:
+        """The histogram (see `histogram`) of the activation (`"a"`) or gradient.
+
+        `bounds`, if given, is `(low, high, finite)`: the range to bin in
+        and whether to take the all-finite path (those of a whole batch
+        this tensor is a chunk of; see `histogram`).
+        """
+        if bounds is not None:
+            low, high, finite = bounds
+            tensor = self.a if which == "a" else self.g
+            return histogram(tensor, bins, finite, (low, high))
         if which == "a":
             return histogram(self.a, bins, self.act_finite())
         return histogram(self.g, bins, self.grad_finite())
@@ -217,7 +228,12 @@ def _count(index: Tensor, weights: Tensor | None, bins: int) -> Tensor:
     )
 
 
-def histogram(x: Tensor, bins: int, finite: Tensor | None = None) -> Tensor:
+def histogram(
+    x: Tensor,
+    bins: int,
+    finite: Tensor | None = None,
+    bounds: Sequence[Tensor] | None = None,
+) -> Tensor:
     """`[low, high, count_1, ..., count_bins]` of the finite entries of `x`.
 
     `bins` equal-width bins over `[low, high]` = the range of the finite
@@ -226,16 +242,21 @@ def histogram(x: Tensor, bins: int, finite: Tensor | None = None) -> Tensor:
     lays that case out as TensorBoard does). Without finite entries, `low` is
     +inf, `high` is -inf and all counts are 0. `finite`, a scalar boolean
     that is True only if every entry is finite, selects a faster path.
+
+    `bounds = (low, high)`, if given, replaces the range of `x`'s finite
+    entries: `x` is a chunk of a batch and `(low, high)` the batch's range
+    (with `finite` the batch's), so the chunk's entries fall in exactly the
+    bins the whole batch's would, and the chunks' counts add up to its
+    counts. The index is clipped to the bins (a no-op for entries inside the
+    range, which all are).
     """
     ops = keras.ops
     flat = ops.reshape(float32(x), (-1,))
+    if bounds is not None:
+        return _bounded_histogram(flat, bins, finite, bounds)
 
     def bucket(values: Tensor, low: Tensor, high: Tensor) -> Tensor:
-        width = high - low
-        scale = ops.where(width > 0, bins / ops.where(width > 0, width, 1.0), 0.0)
-        # values >= low, so truncation is floor; the index is in [0, bins],
-        # `bins` only for the maximum (see `_count`).
-        return ops.cast((values - low) * scale, "int32")
+        return _bucket(values, low, high, bins)
 
     def all_finite() -> Tensor:
         low, high = ops.min(flat), ops.max(flat)
@@ -250,6 +271,43 @@ def histogram(x: Tensor, bins: int, finite: Tensor | None = None) -> Tensor:
         index = bucket(ops.where(mask, flat, safe_low), safe_low, high)
         counts = _count(index, float32(mask), bins)
         return ops.concatenate([ops.stack([low, high]), counts])
+
+    if finite is None:
+        finite = ops.isfinite(ops.sum(flat))
+    return ops.cond(finite, all_finite, some_nonfinite)
+
+
+def _bucket(values: Tensor, low: Tensor, high: Tensor, bins: int) -> Tensor:
+    """The bin index of each value in `[low, high]` (`bins` for the maximum).
+
+    Values are >= low, so truncation is floor; the index is in [0, bins],
+    `bins` only for the maximum (see `_count`).
+    """
+    ops = keras.ops
+    width = high - low
+    scale = ops.where(width > 0, bins / ops.where(width > 0, width, 1.0), 0.0)
+    return ops.cast((values - low) * scale, "int32")
+
+
+def _bounded_histogram(
+    flat: Tensor, bins: int, finite: Tensor | None, bounds: Sequence[Tensor]
+) -> Tensor:
+    """`histogram` of `flat` in a given range (see `histogram`'s `bounds`)."""
+    ops = keras.ops
+    low = ops.convert_to_tensor(bounds[0], "float32")
+    high = ops.convert_to_tensor(bounds[1], "float32")
+    edges = ops.stack([low, high])
+
+    def all_finite() -> Tensor:
+        index = ops.clip(_bucket(flat, low, high, bins), 0, bins)
+        return ops.concatenate([edges, _count(index, None, bins)])
+
+    def some_nonfinite() -> Tensor:
+        mask = ops.isfinite(flat)
+        safe_low = ops.where(ops.isfinite(low), low, 0.0)
+        index = _bucket(ops.where(mask, flat, safe_low), safe_low, high, bins)
+        index = ops.clip(index, 0, bins)
+        return ops.concatenate([edges, _count(index, float32(mask), bins)])
 
     if finite is None:
         finite = ops.isfinite(ops.sum(flat))

@@ -62,17 +62,22 @@ def _blocks(tensor: Any) -> list[Any]:
     return [tensor] if sizes is None else tf.split(tensor, sizes)
 
 
-def _finite_histogram(tensor: Any, bins: int) -> Any:
+def _finite_histogram(tensor: Any, bins: int, bounds: Any = None) -> Any:
     """`histogram` of a tensor whose entries are all finite, in row blocks.
 
     `tf.histogram_fixed_width` bins each block in one op (the portable
     version takes four); the blocks' counts are summed. Same layout and
     semantics as `histogram`: the range is the tensor's, the maximum is in
     the last bin, and when every entry is equal all are in the first bin.
+    `bounds = (low, high)` bins in that range instead (a chunk of a batch,
+    in the batch's range; see `histogram`).
     """
     blocks = _blocks(tensor)
-    low = tf.reduce_min(tf.stack([tf.reduce_min(b) for b in blocks]))
-    high = tf.reduce_max(tf.stack([tf.reduce_max(b) for b in blocks]))
+    if bounds is not None:
+        low, high = bounds[0], bounds[1]
+    else:
+        low = tf.reduce_min(tf.stack([tf.reduce_min(b) for b in blocks]))
+        high = tf.reduce_max(tf.stack([tf.reduce_max(b) for b in blocks]))
     # All entries equal: any wider range puts them in the first bin (one
     # that stays wider than 0 in float32 when |low| is large).
     top = tf.where(high > low, high, low + tf.maximum(tf.abs(low), 1.0))
@@ -157,16 +162,17 @@ class TensorFlowMoments(Moments):
 
         return self._get("_unit_counts", compute)
 
-    def histogram(self, which: str, bins: int) -> Any:
-        tensor, finite = (
-            (self.a, self.act_finite())
-            if which == "a"
-            else (self.g, self.grad_finite())
-        )
+    def histogram(self, which: str, bins: int, bounds: Any = None) -> Any:
+        tensor = self.a if which == "a" else self.g
+        if bounds is None:
+            limits = None
+            finite = self.act_finite() if which == "a" else self.grad_finite()
+        else:  # a chunk of a batch: the batch's range and finiteness
+            limits, finite = (bounds[0], bounds[1]), bounds[2]
         return tf.cond(
             finite,
-            lambda: _finite_histogram(tensor, bins),
-            lambda: histogram(tensor, bins, finite),
+            lambda: _finite_histogram(tensor, bins, limits),
+            lambda: histogram(tensor, bins, finite, limits),
         )
 
     def row(self, moments: Any) -> Any:

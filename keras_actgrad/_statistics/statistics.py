@@ -151,13 +151,10 @@ class StatisticsReducer:
 
     statistics: tuple[str, ...]
     bins: int = 0
-    # Also return each probe's per-unit nonzero counts (`(vector, counts)`),
-    # which chunks of a batch sum to find its dead units (see `chunks`).
-    unit_counts: bool = False
 
     @property
     def key(self) -> Hashable:
-        return ("statistics", self.statistics, self.bins, self.unit_counts)
+        return ("statistics", self.statistics, self.bins)
 
     @property
     def moments(self) -> tuple[str, ...]:
@@ -179,12 +176,9 @@ class StatisticsReducer:
         nan_row = None
         moments = self.moments
         probe_class = moments_class()
-        counts = []
         for name in sorted(activations):
             probe = probe_class(activations[name], gradients.get(name))
             parts.append(probe.row(moments))
-            if self.unit_counts:
-                counts.append(probe._unit_counts())
             if self.bins:
                 if probe.g is None:
                     if nan_row is None:
@@ -207,8 +201,7 @@ class StatisticsReducer:
                 )
         if norms:
             parts.append(ops.stack(norms))
-        vector = ops.concatenate(parts) if parts else ops.zeros((0,), "float32")
-        return (vector, counts) if self.unit_counts else vector
+        return ops.concatenate(parts) if parts else ops.zeros((0,), "float32")
 
     def unpack(
         self, vector: np.ndarray, probes: Sequence[str], weight_paths: Sequence[str]
