@@ -25,6 +25,7 @@ helper thread, where no strategy is in scope.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,7 @@ import tensorflow as tf
 from keras_actgrad._backends.base import (
     LossFn,
     PassConfig,
+    ProbeReducer,
     Tapped,
     TapRecorder,
     forward,
@@ -100,6 +102,19 @@ def tape_gradients(
     return result
 
 
+def _tap(tensor: Any, on_gradient: Callable[[Any, Any], Any]) -> Any:
+    """`tensor` through an identity whose gradient is `on_gradient(tensor, dy)`."""
+
+    @tf.custom_gradient  # type: ignore[untyped-decorator]
+    def tap(value: Any) -> Any:
+        def gradient(dy: Any) -> Any:
+            return on_gradient(value, dy)
+
+        return tf.identity(value), gradient
+
+    return tap(tensor)
+
+
 class TensorFlowAdapter:
     """Builds the pass as one `tf.function`."""
 
@@ -113,8 +128,39 @@ class TensorFlowAdapter:
         on_trace: Callable[[list[Tapped]], None],
     ) -> Callable[[Any, Any, Any], Any]:
         def step(x: Any, y: Any, sample_weight: Any, scale: Any) -> Any:
+            reducer = config.reducer
+            per_probe = isinstance(reducer, ProbeReducer)
+            tapped_differentiable: list[Tapped] = []
+            # The taps' inputs, in the order the taps are reached (that of
+            # the differentiable `tapped`); after the forward pass, whether
+            # each probe is reduced inside the backward pass (the tap
+            # gradients are traced later, by `tape.gradient`).
+            tap_inputs: list[Any] = []
+            inside = [False]
+            reduced: dict[str, list[Any]] = {}
+
+            def reduce_in_backward(index: int, activation: Any, dy: Any) -> Any:
+                if not inside[0]:
+                    return dy
+                parts = reducer.reduce_probe(  # type: ignore[attr-defined]
+                    activation, to_float32(_dense(dy))
+                )
+                reduced[tapped_differentiable[index].name] = parts
+                # The backward pass goes on past this tap only once its
+                # reductions are done: the gradient dies here, instead of
+                # waiting (alive) for a thread while the backward pass
+                # produces the next ones.
+                with tf.control_dependencies(tf.nest.flatten(parts)):
+                    return tf.identity(_dense(dy))
+
             def watched(tensor: Any) -> Any:
-                output = tf.identity(tensor)
+                if per_probe:
+                    tape.watch(tensor)
+                    index = len(tap_inputs)
+                    tap_inputs.append(tensor)
+                    output = _tap(tensor, functools.partial(reduce_in_backward, index))
+                else:
+                    output = tf.identity(tensor)
                 tape.watch(output)
                 return output
 
@@ -129,11 +175,28 @@ class TensorFlowAdapter:
                     )
                     loss = tf.cast(loss_fn(x, y, y_pred, sample_weight), tf.float32)
             on_trace(tapped)
-            handles = [t.handle for t in tapped if t.differentiable]
+            differentiable = [t for t in tapped if t.differentiable]
+            tapped_differentiable[:] = differentiable
             variables = (
                 list(model.trainable_variables) if config.weight_gradients else []
             )
             float16 = any(_is_float16(t) for t in tapped)
+            if per_probe and not float16:
+                # Each probe is reduced inside the backward pass, where its
+                # gradient appears (see `reduce_in_backward`); the gradients
+                # with respect to the taps' inputs only drive that pass.
+                inside[0] = True
+                inputs = tap_inputs
+                grads = tape_gradients(tape, loss, inputs + variables)
+                for t in tapped:
+                    if t.name not in reduced:
+                        reduced[t.name] = reducer.reduce_probe(t.activation, None)  # type: ignore[attr-defined]
+                weight_gradients = {
+                    v.path: g
+                    for v, g in zip(variables, grads[len(inputs) :], strict=True)
+                }
+                return reducer.combine(reduced, weight_gradients)  # type: ignore[attr-defined]
+            handles = [t.handle for t in differentiable]
             grads = tape_gradients(
                 tape, loss, handles + variables, scale if float16 else None
             )
@@ -146,11 +209,8 @@ class TensorFlowAdapter:
                 v.path: g for v, g in zip(variables, grads[len(handles) :], strict=True)
             }
             # No control dependency on the whole backward pass: each probe's
-            # reductions run as soon as its gradient exists, which then dies,
-            # instead of every probe's gradient staying alive until the
-            # backward pass ends (one more copy of all probe tensors at the
-            # peak; benchmarks/bench_memory.py).
-            return config.reducer(activations, gradients, weight_gradients, loss)
+            # reductions run as soon as its gradient exists.
+            return reducer(activations, gradients, weight_gradients, loss)
 
         function = tf.function(step)
 
