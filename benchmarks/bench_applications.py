@@ -8,7 +8,9 @@ with histograms, against one `train_on_batch` on the same batch. Each ratio
 is the median over rounds of the two times measured in the same round.
 
 Targets (issue 14): event <= 0.75x a training step on both; with
-histograms <= 0.9x (ResNet50), <= 1.0x (DenseNet121).
+histograms <= 0.9x (ResNet50), <= 1.0x (DenseNet121). `--model mlp`: the
+reference MLP of `bench_callback.py` (10 x Dense(512), batch 512; targets
+of issue 3: 0.8x, 1.0x).
 
 `--compare` also times the event reduced after the whole backward pass
 (the reducer called once on every probe's tensors, as before the probes
@@ -35,12 +37,21 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 import keras  # noqa: E402
-from _reference import paired_ratio, timings  # noqa: E402
+import numpy as np  # noqa: E402
+from _reference import (  # noqa: E402
+    BATCH,
+    CLASSES,
+    WIDTH,
+    build_model,
+    paired_ratio,
+    timings,
+)
 from bench_memory import build_application  # noqa: E402
 
 import keras_actgrad  # noqa: E402
 
 TARGETS = {
+    "mlp": {"event": 0.8, "histograms": 1.0},
     "resnet50": {"event": 0.75, "histograms": 0.9},
     "densenet121": {"event": 0.75, "histograms": 1.0},
 }
@@ -90,7 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=8, help="timed rounds")
     parser.add_argument("--compare", action="store_true")
     args = parser.parse_args(argv)
-    model, x, y = build_application(args.model, args.batch)
+    if args.model == "mlp":
+        model = build_model()
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(BATCH, WIDTH)).astype("float32")
+        y = rng.integers(0, CLASSES, size=(BATCH,)).astype("int32")
+    else:
+        model, x, y = build_application(args.model, args.batch)
     data = (x, y)
     probes = len(keras_actgrad.find_probes(model))
     functions: dict[str, Callable[[], object]] = {
@@ -105,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         function()
         function()
     times = timings(functions, args.reps)
+    shape = "512 features" if args.model == "mlp" else "64x64"
     print(
-        f"{args.model}, {probes} probes, batch {args.batch}, 64x64, backend "
+        f"{args.model}, {probes} probes, batch {len(x)}, {shape}, backend "
         f"{keras.backend.backend()}, medians of {args.reps} interleaved rounds"
     )
     print(f"{'measurement':<34} {'median ms':>10} {'ratio':>7}  target")
