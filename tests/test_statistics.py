@@ -155,6 +155,7 @@ def test_probes_reduced_in_the_backward_pass_match_numpy():
             counts = reduced.histograms[probe][kind][2]
             assert counts.sum() == (0 if values is None else values.size)
 
+
 def test_histograms_match_numpy():
     model = conv_model()
     rng = np.random.default_rng(1)
