@@ -111,6 +111,51 @@ def test_statistics_match_numpy_definitions():
     assert reduced.statistics["hidden_out"]["dead_unit_fraction"] >= 2 / 5 - 1e-6
 
 
+def test_probes_reduced_in_the_backward_pass_match_numpy():
+    # The callback's reducer reduces each probe where its gradient appears in
+    # the backward pass (TensorFlow, PyTorch): a probe reached twice, a skip
+    # that bypasses a probe, a probe the loss does not reach and weight
+    # gradients, against the tensors `activation_gradients` returns whole.
+    keras.utils.set_random_seed(5)
+    shared = keras_actgrad.GradientProbe(name="shared")
+    dense = keras.layers.Dense(6, activation="tanh", name="dense")
+    inputs = keras.Input((6,))
+    first = shared(dense(inputs))
+    second = shared(dense(first))
+    skipped = keras_actgrad.GradientProbe(name="skipped")(second)
+    h = keras.layers.Add()([skipped, first])  # `first` bypasses "skipped"
+    outputs = keras.layers.Dense(2, name="head")(h)
+    cut = keras_actgrad.GradientProbe(name="cut")(
+        keras.layers.Lambda(keras.ops.stop_gradient)(first)
+    )
+    model = keras.Model(inputs, [outputs, cut])
+    model.compile("sgd", ["mse", None])
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(5, 6)).astype("float32")
+    y = [rng.normal(size=(5, 2)).astype("float32"), np.zeros((5, 6), "float32")]
+    reduced = reduce(model, x, y, weight_gradients=True)
+    results = keras_actgrad.activation_gradients(model, x, y)
+    assert sorted(reduced.statistics) == sorted(results)
+    assert results["cut"].gradient is None
+    assert len(reduced.weight_grad_norms) == len(model.trainable_variables)
+    for probe, result in results.items():
+        expected = reference_statistics(result.activation, result.gradient)
+        for name in STATISTICS:
+            np.testing.assert_allclose(
+                reduced.statistics[probe][name],
+                expected[name],
+                rtol=2e-5,
+                atol=1e-7,
+                err_msg=f"{probe}/{name}",
+            )
+        for kind, values in (
+            ("gradient", result.gradient),
+            ("activation", result.activation),
+        ):
+            counts = reduced.histograms[probe][kind][2]
+            assert counts.sum() == (0 if values is None else values.size)
+
+
 def test_histograms_match_numpy():
     model = conv_model()
     rng = np.random.default_rng(1)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Hashable
-from typing import Any, Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 import keras
 import numpy as np
@@ -112,6 +112,29 @@ def reduce(
         return reducer(activations, gradients, weight_gradients, loss)
     call: Any = reducer
     return call(activations, gradients, weight_gradients, loss, inputs=inputs)
+
+
+@runtime_checkable
+class ProbeReducer(Reducer, Protocol):
+    """A reducer that can reduce each probe on its own, then combine.
+
+    `reduce_probe(activation, gradient)` is one probe's share of the output
+    (a list of tensors); `combine({name: share}, weight_gradients)` the
+    output, equal to `__call__` on the whole pass. An adapter may reduce
+    each probe inside the backward pass, as soon as its gradient exists, so
+    that no probe's gradient outlives its reductions (see the TensorFlow
+    adapter).
+    """
+
+    def reduce_probe(
+        self, activation: Tensor, gradient: Tensor | None
+    ) -> list[Any]: ...
+
+    def combine(
+        self,
+        probes: dict[str, list[Any]],
+        weight_gradients: dict[str, Tensor | None],
+    ) -> Any: ...
 
 
 def _loss_key(loss: LossSpec) -> Hashable:

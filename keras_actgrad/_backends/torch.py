@@ -16,6 +16,14 @@ no tensor of it, is kept. Parameters' `.grad` are never touched, and the
 global random generator is restored after the pass (an unseeded `Dropout`
 draws from it).
 
+When the reducer reduces probe by probe (`base.ProbeReducer`, the
+callback's statistics), each tap is an `autograd.Function` (`_Tap`) whose
+backward reduces the probe as its gradient arrives; the taps share one
+scalar `anchor`, and only the anchor is differentiated, so no probe's
+gradient is kept (`autograd.grad` on the taps would hold all of them until
+the backward pass ends: an 8-probe event took 1.5x a training step's peak
+memory, now 1.0x; benchmarks/bench_memory.py).
+
 There is no trace in eager mode; to keep `trace_count` meaning the same on
 every backend, `on_trace` fires once per new input signature (shapes and
 dtypes of the batch) or when the probes reached change.
@@ -23,6 +31,7 @@ dtypes of the batch) or when the probes reached change.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +42,7 @@ import torch
 from keras_actgrad._backends.base import (
     LossFn,
     PassConfig,
+    ProbeReducer,
     Tapped,
     TapRecorder,
     forward,
@@ -97,6 +107,31 @@ def _detach(value: Any) -> Any:
     return value.detach() if isinstance(value, torch.Tensor) else value
 
 
+class _Tap(torch.autograd.Function):
+    """An identity whose backward pass calls `on_gradient(activation, gradient)`.
+
+    `anchor` is a scalar every tap takes as a second input (its gradient is
+    zero): differentiating it runs the backward pass through every tap
+    connected to the loss, without keeping any tap's gradient.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, tensor: Any, anchor: Any, on_gradient: Callable[[Any, Any], None]
+    ) -> Any:
+        ctx.on_gradient = on_gradient
+        ctx.save_for_backward(tensor)
+        ctx.anchor_device = anchor.device
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx: Any, gradient: Any) -> Any:
+        with torch.no_grad():
+            ctx.on_gradient(ctx.saved_tensors[0].detach(), gradient)
+        passed = gradient if ctx.needs_input_grad[0] else None
+        return passed, torch.zeros((), device=ctx.anchor_device), None
+
+
 class TorchAdapter:
     """Runs the pass eagerly with `torch.autograd.grad`."""
 
@@ -113,7 +148,34 @@ class TorchAdapter:
         last_probes: list[tuple[str, bool]] = []
 
         def step(x: Any, y: Any, sample_weight: Any, reducer_inputs: Any = None) -> Any:
+            reducer = config.reducer
+            # A reducer that takes the pass's inputs (the chunked one) is
+            # called on the whole pass.
+            per_probe = isinstance(reducer, ProbeReducer) and reducer_inputs is None
+            # Per probe: each tap reduces its probe inside the backward pass
+            # (`_Tap`), once `inside` is set after the forward pass; all taps
+            # share one scalar `anchor`, the only input differentiated, so
+            # no probe's gradient outlives its reductions.
+            anchor = torch.zeros((), requires_grad=True)
+            inside = [False]
+            reduced: dict[str, list[Any]] = {}
+            # Names only: a tap's backward node must not reach the taps'
+            # tensors (a reference cycle would keep the whole pass alive
+            # until Python's garbage collector runs).
+            names: list[str] = []
+
+            def reduce_in_backward(index: int, activation: Any, gradient: Any) -> None:
+                if inside[0]:
+                    name = names[index]
+                    reduced[name] = reducer.reduce_probe(  # type: ignore[attr-defined]
+                        activation, to_float32(gradient)
+                    )
+
             def node(tensor: Any) -> Any:
+                if per_probe:
+                    index = sum(t.differentiable for t in tapped)
+                    on_gradient = functools.partial(reduce_in_backward, index)
+                    return _Tap.apply(tensor, anchor, on_gradient)  # type: ignore[no-untyped-call]
                 if tensor.requires_grad:
                     return tensor.view_as(tensor)
                 return tensor.detach().requires_grad_()
@@ -129,27 +191,33 @@ class TorchAdapter:
                     )
                     loss = loss_fn(x, y, y_pred, sample_weight)
                     loss = keras.ops.cast(loss, "float32")
-                handles = [t.handle for t in tapped if t.differentiable]
+                probes = [(t.name, t.differentiable) for t in tapped]
+                key = (_signature((x, y, sample_weight)), tuple(probes))
+                if key not in seen or probes != last_probes:
+                    seen.add(key)
+                    last_probes[:] = probes
+                    on_trace(tapped)
+                differentiable = [t for t in tapped if t.differentiable]
+                handles = [t.handle for t in differentiable]
                 variables = (
                     list(model.trainable_variables) if config.weight_gradients else []
                 )
                 values = [v.value for v in variables]
+                float16 = any(h.dtype == torch.float16 for h in handles)
+                if per_probe and not float16:
+                    names.extend(t.name for t in differentiable)
+                    inside[0] = True
+                    return self._reduced(
+                        tapped, reduced, anchor, loss, variables, values, config
+                    )
                 inputs = handles + [v for v in values if v.requires_grad]
                 if inputs and loss.requires_grad:
-                    float16 = any(h.dtype == torch.float16 for h in handles)
                     found = _gradients(
                         loss, inputs, loss_scale(model) if float16 else None
                     )
                 else:
                     found = [None] * len(inputs)
             del y_pred
-
-            probes = [(t.name, t.differentiable) for t in tapped]
-            key = (_signature((x, y, sample_weight)), tuple(probes))
-            if key not in seen or probes != last_probes:
-                seen.add(key)
-                last_probes[:] = probes
-                on_trace(tapped)
 
             probe_grads = iter(found[: len(handles)])
             gradients = {
@@ -173,6 +241,37 @@ class TorchAdapter:
                 )
 
         return step
+
+    @staticmethod
+    def _reduced(
+        tapped: list[Tapped],
+        reduced: dict[str, list[Any]],
+        anchor: Any,
+        loss: Any,
+        variables: list[Any],
+        values: list[Any],
+        config: PassConfig,
+    ) -> Any:
+        """The per-probe pass's output: backward through every tap, then combine.
+
+        Runs inside the pass's `enable_grad` and random-generator scope.
+        """
+        reducer: Any = config.reducer
+        weights = [v for v in values if v.requires_grad]
+        inputs = [anchor, *weights]
+        found: list[Any] = [None] * len(inputs)
+        if loss.requires_grad:
+            found = list(torch.autograd.grad(loss, inputs, allow_unused=True))
+        weight_found = iter(found[1:])
+        weight_gradients = {
+            v.path: to_float32(next(weight_found)) if value.requires_grad else None
+            for v, value in zip(variables, values, strict=True)
+        }
+        with torch.no_grad():
+            for t in tapped:
+                if t.name not in reduced:
+                    reduced[t.name] = reducer.reduce_probe(_detach(t.activation), None)
+            return reducer.combine(reduced, weight_gradients)
 
     def to_numpy(self, value: Any) -> np.ndarray:
         if isinstance(value, torch.Tensor):

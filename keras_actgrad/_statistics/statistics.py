@@ -171,25 +171,44 @@ class StatisticsReducer:
         weight_gradients: dict[str, Tensor | None],
         loss: Tensor,
     ) -> Tensor:
+        probes = {
+            name: self.reduce_probe(activations[name], gradients.get(name))
+            for name in activations
+        }
+        return self.combine(probes, weight_gradients)
+
+    def reduce_probe(self, activation: Tensor, gradient: Tensor | None) -> list[Any]:
+        """One probe's share of the output: its moments row, histograms, counts.
+
+        An adapter may call this for each probe as soon as its gradient
+        exists (inside the backward pass), then `combine`; `__call__` is the
+        two together.
+        """
+        ops = keras.ops
+        probe = moments_class()(activation, gradient)
+        parts = [probe.row(self.moments)]
+        if self.bins:
+            if probe.g is None:
+                parts.append(
+                    ops.convert_to_tensor(
+                        [float("inf"), float("-inf")] + [0.0] * self.bins, "float32"
+                    )
+                )
+            else:
+                parts.append(probe.histogram("g", self.bins))
+            parts.append(probe.histogram("a", self.bins))
+        return parts
+
+    def combine(
+        self,
+        probes: dict[str, list[Any]],
+        weight_gradients: dict[str, Tensor | None],
+    ) -> Any:
+        """The output from each probe's `reduce_probe` and the weight gradients."""
         ops = keras.ops
         parts = []
-        nan_row = None
-        moments = self.moments
-        probe_class = moments_class()
-        for name in sorted(activations):
-            probe = probe_class(activations[name], gradients.get(name))
-            parts.append(probe.row(moments))
-            if self.bins:
-                if probe.g is None:
-                    if nan_row is None:
-                        nan_row = ops.convert_to_tensor(
-                            [float("inf"), float("-inf")] + [0.0] * self.bins,
-                            "float32",
-                        )
-                    parts.append(nan_row)
-                else:
-                    parts.append(probe.histogram("g", self.bins))
-                parts.append(probe.histogram("a", self.bins))
+        for name in sorted(probes):
+            parts.extend(probes[name])
         norms = []
         for path in sorted(weight_gradients):
             gradient = weight_gradients[path]

@@ -1,0 +1,147 @@
+"""Benchmark: the cost of a probe event on ResNet50 / DenseNet121.
+
+`keras.applications` models with random weights (64x64 images, 10
+classes), probes inserted with `insert_probes` defaults (ResNet50: 107,
+DenseNet121: 242), batch 32; everything warm, side by side in one process:
+one epoch event of `ActivationGradientCallback` (all statistics), the same
+with histograms, against one `train_on_batch` on the same batch. Each ratio
+is the median over rounds of the two times measured in the same round.
+
+Targets (issue 14): event <= 0.75x a training step on both; with
+histograms <= 0.9x (ResNet50), <= 1.0x (DenseNet121). `--model mlp`: the
+reference MLP of `bench_callback.py` (10 x Dense(512), batch 512; targets
+of issue 3: 0.8x, 1.0x).
+
+`--compare` also times the event reduced after the whole backward pass
+(the reducer called once on every probe's tensors, as before the probes
+were reduced inside the backward pass), for a before / after in one
+process.
+
+Usage:
+
+    python benchmarks/bench_applications.py --model resnet50
+    python benchmarks/bench_applications.py --model densenet121 --reps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from collections.abc import Callable, Hashable
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from _reference import (  # noqa: E402
+    BATCH,
+    CLASSES,
+    WIDTH,
+    build_model,
+    paired_ratio,
+    timings,
+)
+from bench_memory import build_application  # noqa: E402
+
+import keras_actgrad  # noqa: E402
+
+TARGETS = {
+    "mlp": {"event": 0.8, "histograms": 1.0},
+    "resnet50": {"event": 0.75, "histograms": 0.9},
+    "densenet121": {"event": 0.75, "histograms": 1.0},
+}
+
+
+class WholePass:
+    """A reducer called once on the whole pass (no per-probe reduction)."""
+
+    def __init__(self, reducer: Any) -> None:
+        self._reducer = reducer
+
+    @property
+    def key(self) -> Hashable:
+        return ("whole-pass", self._reducer.key)
+
+    def __call__(self, *args: Any) -> Any:
+        return self._reducer(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("reduce_probe", "combine"):
+            raise AttributeError(name)
+        return getattr(self._reducer, name)
+
+
+def event(model: keras.Model, data: Any, whole: bool, **kwargs: Any) -> Any:
+    callback = keras_actgrad.ActivationGradientCallback(data, **kwargs)
+    callback.set_model(model)
+    if whole:
+        # Benchmark only: the callback's reducer (keras-actgrad's own
+        # private attribute) behind one without `reduce_probe`.
+        callback._reducer = WholePass(callback._reducer)  # type: ignore[assignment]
+    callback.on_train_begin()
+    logs: dict[str, float] = {}
+
+    def run() -> object:
+        callback.events.clear()
+        callback.on_epoch_end(0, logs)
+        return logs
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet50", choices=sorted(TARGETS))
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--reps", type=int, default=8, help="timed rounds")
+    parser.add_argument("--compare", action="store_true")
+    args = parser.parse_args(argv)
+    if args.model == "mlp":
+        model = build_model()
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(BATCH, WIDTH)).astype("float32")
+        y = rng.integers(0, CLASSES, size=(BATCH,)).astype("int32")
+    else:
+        model, x, y = build_application(args.model, args.batch)
+    data = (x, y)
+    probes = len(keras_actgrad.find_probes(model))
+    functions: dict[str, Callable[[], object]] = {
+        "train": lambda: model.train_on_batch(x, y),
+        "event": event(model, data, False, histograms=False),
+        "histograms": event(model, data, False, histograms=True),
+    }
+    if args.compare:
+        functions["event_whole"] = event(model, data, True, histograms=False)
+        functions["histograms_whole"] = event(model, data, True, histograms=True)
+    for function in functions.values():  # warm up (trace, compile)
+        function()
+        function()
+    times = timings(functions, args.reps)
+    shape = "512 features" if args.model == "mlp" else "64x64"
+    print(
+        f"{args.model}, {probes} probes, batch {len(x)}, {shape}, backend "
+        f"{keras.backend.backend()}, medians of {args.reps} interleaved rounds"
+    )
+    print(f"{'measurement':<34} {'median ms':>10} {'ratio':>7}  target")
+    for name in functions:
+        ratio = paired_ratio(times, name, "train")
+        target = TARGETS[args.model].get(name)
+        verdict = (
+            ""
+            if target is None
+            else f"<= {target:.2f}: " + ("met" if ratio <= target else "MISSED")
+        )
+        print(
+            f"{name:<34} {statistics.median(times[name]) * 1e3:>10.1f} "
+            f"{ratio:>6.2f}x  {verdict}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
