@@ -18,10 +18,16 @@ Targets (issue 13): every_step <= 1.03x plain, every_16 <= 1.01x,
 histograms_100 <= 1.02x; the probe callback was 1.30x. Each ratio is the
 median over rounds of the two times measured in the same round.
 
+`--model resnet50`: ResNet50 from `keras.applications` (random weights,
+64 x 64 x 3 inputs, 10 classes, Adam) with `insert_probes` (107 probes),
+batch 32, 4 steps a fit; `plain`, `every_step` and `every_16` only (target:
+every_step <= 1.05x plain).
+
 Usage:
 
     KERAS_BACKEND=jax python benchmarks/bench_monitor.py           # full run
     KERAS_BACKEND=jax python benchmarks/bench_monitor.py --quick   # smoke check
+    KERAS_BACKEND=tensorflow python benchmarks/bench_monitor.py --model resnet50
 """
 
 from __future__ import annotations
@@ -48,20 +54,42 @@ from _reference import (  # noqa: E402
 import keras_actgrad  # noqa: E402
 
 STEPS = 16
+RESNET_BATCH, RESNET_STEPS, RESNET_SIZE = 32, 4, 64
+
+
+def build_resnet50() -> tuple[keras.Model, np.ndarray, np.ndarray]:
+    """ResNet50 (random weights) with `insert_probes`, and its data."""
+    keras.utils.set_random_seed(0)
+    model = keras.applications.ResNet50(
+        weights=None, input_shape=(RESNET_SIZE, RESNET_SIZE, 3), classes=10
+    )
+    model = keras_actgrad.insert_probes(model)
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy())
+    rng = np.random.default_rng(0)
+    size = RESNET_BATCH * RESNET_STEPS
+    x = rng.normal(size=(size, RESNET_SIZE, RESNET_SIZE, 3)).astype("float32")
+    y = rng.integers(0, 10, size=(size,)).astype("int32")
+    return model, x, y
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few rounds only")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--model", choices=["mlp", "resnet50"], default="mlp")
     args = parser.parse_args()
     rounds = args.rounds or (2 if args.quick else 15)
 
-    model = build_model()
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(STEPS * BATCH, WIDTH)).astype("float32")
-    y = rng.integers(0, CLASSES, size=(STEPS * BATCH,))
-    probe_batch = (x[:BATCH], y[:BATCH])
+    if args.model == "resnet50":
+        model, x, y = build_resnet50()
+        batch, steps = RESNET_BATCH, RESNET_STEPS
+    else:
+        model = build_model()
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(STEPS * BATCH, WIDTH)).astype("float32")
+        y = rng.integers(0, CLASSES, size=(STEPS * BATCH,))
+        batch, steps = BATCH, STEPS
+    probe_batch = (x[:batch], y[:batch])
 
     callbacks: dict[str, Callable[[], list[keras.callbacks.Callback]]] = {}
     every_step = keras_actgrad.GradientMonitor(statistics=None)
@@ -77,13 +105,16 @@ def main() -> None:
         "histograms_100": lambda: [histograms],
         "probe_callback_batch_1": lambda: [probe_callback],
     }
+    if args.model == "resnet50":
+        for name in ("histograms_100", "probe_callback_batch_1"):
+            del callbacks[name]
 
     def fit(name: str) -> Callable[[], object]:
         def run() -> object:
             return model.fit(
                 x,
                 y,
-                batch_size=BATCH,
+                batch_size=batch,
                 epochs=1,
                 shuffle=False,
                 verbose=0,
@@ -98,7 +129,7 @@ def main() -> None:
     for _ in range(2):
         for function in functions.values():
             function()
-    while histograms.events and not any(
+    while "histograms_100" in functions and not any(
         e["histograms"] for e in histograms.events
     ):  # pragma: no cover - only if 100 steps were not reached yet
         functions["histograms_100"]()
@@ -106,8 +137,8 @@ def main() -> None:
         monitor.events.clear()
     times = timings(functions, rounds)
     print(
-        f"backend={keras.backend.backend()} rounds={rounds} "
-        f"({STEPS} steps a fit, batch {BATCH})"
+        f"model={args.model} backend={keras.backend.backend()} rounds={rounds} "
+        f"({steps} steps a fit, batch {batch})"
     )
     for name in functions:
         median = float(np.median(times[name]))
