@@ -71,7 +71,7 @@ class WholePass:
         return self._reducer(*args)
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("reduce_probe", "combine"):
+        if name in ("reduce_activation", "reduce_gradient", "combine"):
             raise AttributeError(name)
         return getattr(self._reducer, name)
 
@@ -81,7 +81,7 @@ def event(model: keras.Model, data: Any, whole: bool, **kwargs: Any) -> Any:
     callback.set_model(model)
     if whole:
         # Benchmark only: the callback's reducer (keras-actgrad's own
-        # private attribute) behind one without `reduce_probe`.
+        # private attribute) behind one without `combine`.
         callback._reducer = WholePass(callback._reducer)  # type: ignore[assignment]
     callback.on_train_begin()
     logs: dict[str, float] = {}

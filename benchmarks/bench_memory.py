@@ -9,7 +9,9 @@ each probe tensor holds batch x width float32 values: 8 MB at the issue's
 - `event`: one epoch event of `ActivationGradientCallback` (the probe pass
   and its statistics), without histograms; `histograms`: with them;
 - `actgrad`: `activation_gradients` (its result counts: `returned` is the
-  size of the arrays it returns).
+  size of the arrays it returns);
+- `gradient` (not run by default): an event with the gradient statistics
+  only, without histograms (nothing reads the activations).
 
 Method: one fresh process per measurement (a peak is a high-water mark, and
 allocators keep memory they freed). The process builds the model and data
@@ -51,11 +53,20 @@ from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
-MODES = ("train", "event", "histograms", "actgrad")
+MODES = ("train", "event", "histograms", "actgrad", "gradient")
 # --steady: warm up on the whole batch (the measured call's own trace and
 # compilation excluded) with TensorFlow's plain allocator
 # (TF_ENABLE_ONEDNN_OPTS=0: oneDNN's keeps a pool that never shrinks, so a
 # warm-up on the whole batch would hide the next call's peak).
+GRADIENT_ONLY = [
+    "grad_norm",
+    "grad_mean_abs",
+    "grad_std",
+    "grad_max_abs",
+    "grad_zero_fraction",
+    "sample_grad_norm_mean",
+    "sample_grad_norm_max",
+]
 STEADY = os.environ.get("ACTGRAD_BENCH_STEADY") == "1"
 
 
@@ -142,8 +153,11 @@ def _measure(model: Any, x: Any, y: Any, mode: str, reps: int, warm: int) -> dic
             return lambda: model.train_on_batch(x, y)
         if mode == "actgrad":
             return lambda: keras_actgrad.activation_gradients(model, x, y)
+        statistics = None
+        if mode == "gradient":
+            statistics = GRADIENT_ONLY
         callback = keras_actgrad.ActivationGradientCallback(
-            (x, y), histograms=mode == "histograms"
+            (x, y), histograms=mode == "histograms", statistics=statistics
         )
         callback.set_model(model)
         callback.on_train_begin()  # one probe pass, as `fit` runs it
@@ -230,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", nargs="+", default=["tensorflow", "jax", "torch"])
     parser.add_argument("--probes", type=int, nargs="+", default=[8, 24, 48])
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--modes", nargs="+", default=list(MODES[:4]), choices=MODES)
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=2048)
     parser.add_argument("--reps", type=int, default=2, help="calls per measurement")
@@ -284,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({args.reps} calls a measurement)"
     )
     header = f"{'backend':11} {'probes':>6} " + " ".join(f"{m:>10}" for m in args.modes)
-    header += "   event/train  hist/train  actgrad-returned/train"
+    header += "   ratios to train (event, histograms, gradient), actgrad-returned"
     print(header)
     for backend in args.backends:
         for probes in args.probes:
@@ -308,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             train = peaks.get("train")
             if train:
-                for mode in ("event", "histograms"):
+                for mode in ("event", "histograms", "gradient"):
                     line += (
                         f"  {peaks[mode] / train:>10.2f}x"
                         if mode in peaks

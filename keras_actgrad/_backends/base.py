@@ -116,23 +116,27 @@ def reduce(
 
 @runtime_checkable
 class ProbeReducer(Reducer, Protocol):
-    """A reducer that can reduce each probe on its own, then combine.
+    """A reducer that can reduce each probe on its own, in two shares, then combine.
 
-    `reduce_probe(activation, gradient)` is one probe's share of the output
-    (a list of tensors); `combine({name: share}, weight_gradients)` the
-    output, equal to `__call__` on the whole pass. An adapter may reduce
-    each probe inside the backward pass, as soon as its gradient exists, so
-    that no probe's gradient outlives its reductions (see the TensorFlow
-    adapter).
+    `reduce_activation(activation)` is one probe's activation share of the
+    output, `reduce_gradient(gradient)` its gradient share (`None`: no
+    gradient reached the probe), each a list of tensors;
+    `combine({name: activation share}, {name: gradient share},
+    weight_gradients)` the output, equal to `__call__` on the whole pass. An
+    adapter may reduce the activation share at the tap in the forward pass
+    and the gradient share inside the backward pass, as soon as the
+    gradient exists, so that neither the activation nor the gradient is
+    kept alive for the reductions (see the TensorFlow adapter).
     """
 
-    def reduce_probe(
-        self, activation: Tensor, gradient: Tensor | None
-    ) -> list[Any]: ...
+    def reduce_activation(self, activation: Tensor) -> list[Any]: ...
+
+    def reduce_gradient(self, gradient: Tensor | None) -> list[Any]: ...
 
     def combine(
         self,
-        probes: dict[str, list[Any]],
+        activations: dict[str, list[Any]],
+        gradients: dict[str, list[Any]],
         weight_gradients: dict[str, Tensor | None],
     ) -> Any: ...
 

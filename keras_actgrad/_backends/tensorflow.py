@@ -9,14 +9,19 @@ branches, the previous layer's activity regularizer) are not counted.
 Reduced in the backward pass: when the reducer reduces probe by probe
 (`base.ProbeReducer`, the callback's statistics), each tap is a
 `tf.custom_gradient` identity instead, whose gradient function reduces the
-probe's activation and gradient and passes the gradient on only once those
-reductions are done; the tape differentiates the taps' inputs, which only
-drives the backward pass. No probe's gradient then outlives its
-reductions, whatever order the executor picks (left free, it let gradients
-wait, alive, behind the backward pass: a 48-probe event with histograms
-took 1.6x a training step's peak memory, now 1.0x;
-benchmarks/bench_memory.py). The gradient is the same tensor either way:
-the sum over the probe's consumers.
+probe's gradient and passes it on only once those reductions are done; the
+tape differentiates the taps' inputs, which only drives the backward pass.
+No probe's gradient then outlives its reductions, whatever order the
+executor picks (left free, it let gradients wait, alive, behind the
+backward pass: a 48-probe event with histograms took 1.6x a training
+step's peak memory, now 1.0x; benchmarks/bench_memory.py). The gradient is
+the same tensor either way: the sum over the probe's consumers. The
+activation's share of the statistics (`reduce_activation`) is reduced at
+the tap in the forward pass, so the backward pass keeps no activation alive
+for the statistics (in ResNet50 the outputs of BatchNormalization, in
+inference mode, and of Add, which its own backward pass does not need:
+kept for the statistics, they made an event take 1.35x a training step's
+peak memory, now 0.46x).
 
 Mixed precision: when a probe sees a float16 tensor, the backward pass is
 loss-scaled, as `keras.optimizers.LossScaleOptimizer` does for training, so
@@ -115,13 +120,13 @@ def tape_gradients(
     return result
 
 
-def _tap(tensor: Any, on_gradient: Callable[[Any, Any], Any]) -> Any:
-    """`tensor` through an identity whose gradient is `on_gradient(tensor, dy)`."""
+def _tap(tensor: Any, on_gradient: Callable[[Any], Any]) -> Any:
+    """`tensor` through an identity whose gradient is `on_gradient(dy)`."""
 
     @tf.custom_gradient  # type: ignore[untyped-decorator]
     def tap(value: Any) -> Any:
         def gradient(dy: Any) -> Any:
-            return on_gradient(value, dy)
+            return on_gradient(dy)
 
         return tf.identity(value), gradient
 
@@ -152,14 +157,16 @@ class TensorFlowAdapter:
             # gradients are traced later, by `tape.gradient`).
             tap_inputs: list[Any] = []
             inside = [False]
+            # Per probe: the activation's share, reduced at the tap in the
+            # forward pass (by tap index), and the gradient's, reduced in the
+            # backward pass (by name).
+            forward_shares: list[list[Any]] = []
             reduced: dict[str, list[Any]] = {}
 
-            def reduce_in_backward(index: int, activation: Any, dy: Any) -> Any:
+            def reduce_in_backward(index: int, dy: Any) -> Any:
                 if not inside[0]:
                     return dy
-                parts = reducer.reduce_probe(  # type: ignore[attr-defined]
-                    activation, to_float32(_dense(dy))
-                )
+                parts = reducer.reduce_gradient(to_float32(_dense(dy)))  # type: ignore[attr-defined]
                 reduced[tapped_differentiable[index].name] = parts
                 # The backward pass goes on past this tap only once its
                 # reductions are done: the gradient dies here, instead of
@@ -173,6 +180,14 @@ class TensorFlowAdapter:
                     tape.watch(tensor)
                     index = len(tap_inputs)
                     tap_inputs.append(tensor)
+                    # The activation's share now, where the activation
+                    # appears: the backward pass then keeps no activation
+                    # alive for the statistics (in ResNet50 the outputs of
+                    # BatchNormalization and Add, which its own backward pass
+                    # does not need). Unused if a float16 tap makes the pass
+                    # take the whole-pass path below (pruned from the graph).
+                    with tape.stop_recording():
+                        forward_shares.append(reducer.reduce_activation(tensor))  # type: ignore[attr-defined]
                     output = _tap(tensor, functools.partial(reduce_in_backward, index))
                 else:
                     output = tf.identity(tensor)
@@ -202,14 +217,21 @@ class TensorFlowAdapter:
                 # with respect to the taps' inputs only drive that pass.
                 inside[0] = True
                 grads = tape_gradients(tape, loss, tap_inputs + variables)
+                shares = iter(forward_shares)
+                activation_shares = {
+                    t.name: next(shares)
+                    if t.differentiable
+                    else reducer.reduce_activation(t.activation)  # type: ignore[attr-defined]
+                    for t in tapped
+                }
                 for t in tapped:
-                    if t.name not in reduced:
-                        reduced[t.name] = reducer.reduce_probe(t.activation, None)  # type: ignore[attr-defined]
+                    if t.name not in reduced:  # not reached by the gradient
+                        reduced[t.name] = reducer.reduce_gradient(None)  # type: ignore[attr-defined]
                 weight_gradients = {
                     v.path: g
                     for v, g in zip(variables, grads[len(tap_inputs) :], strict=True)
                 }
-                return reducer.combine(reduced, weight_gradients)  # type: ignore[attr-defined]
+                return reducer.combine(activation_shares, reduced, weight_gradients)  # type: ignore[attr-defined]
             handles = [t.handle for t in differentiable]
             grads = tape_gradients(
                 tape, loss, handles + variables, scale if float16 else None

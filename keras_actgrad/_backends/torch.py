@@ -18,7 +18,9 @@ draws from it).
 
 When the reducer reduces probe by probe (`base.ProbeReducer`, the
 callback's statistics), each tap is an `autograd.Function` (`_Tap`) whose
-backward reduces the probe as its gradient arrives; the taps share one
+backward reduces the probe's gradient as it arrives (its activation's
+share was reduced at the tap, in the forward pass, so the tap saves no
+activation for the backward pass); the taps share one
 scalar `anchor`, and only the anchor is differentiated, so no probe's
 gradient is kept (`autograd.grad` on the taps would hold all of them until
 the backward pass ends: an 8-probe event took 1.5x a training step's peak
@@ -108,26 +110,26 @@ def _detach(value: Any) -> Any:
 
 
 class _Tap(torch.autograd.Function):
-    """An identity whose backward pass calls `on_gradient(activation, gradient)`.
+    """An identity whose backward pass calls `on_gradient(gradient)`.
 
     `anchor` is a scalar every tap takes as a second input (its gradient is
     zero): differentiating it runs the backward pass through every tap
-    connected to the loss, without keeping any tap's gradient.
+    connected to the loss, without keeping any tap's gradient. The tap
+    saves nothing for the backward pass: it keeps no activation alive.
     """
 
     @staticmethod
     def forward(
-        ctx: Any, tensor: Any, anchor: Any, on_gradient: Callable[[Any, Any], None]
+        ctx: Any, tensor: Any, anchor: Any, on_gradient: Callable[[Any], None]
     ) -> Any:
         ctx.on_gradient = on_gradient
-        ctx.save_for_backward(tensor)
         ctx.anchor_device = anchor.device
         return tensor.view_as(tensor)
 
     @staticmethod
     def backward(ctx: Any, gradient: Any) -> Any:
         with torch.no_grad():
-            ctx.on_gradient(ctx.saved_tensors[0].detach(), gradient)
+            ctx.on_gradient(gradient)
         passed = gradient if ctx.needs_input_grad[0] else None
         return passed, torch.zeros((), device=ctx.anchor_device), None
 
@@ -158,22 +160,28 @@ class TorchAdapter:
             # no probe's gradient outlives its reductions.
             anchor = torch.zeros((), requires_grad=True)
             inside = [False]
+            # The activation's share of each probe is reduced at the tap, in
+            # the forward pass (so no tap keeps its activation for the
+            # backward pass), the gradient's inside the backward pass.
+            forward_shares: list[list[Any]] = []
             reduced: dict[str, list[Any]] = {}
             # Names only: a tap's backward node must not reach the taps'
             # tensors (a reference cycle would keep the whole pass alive
             # until Python's garbage collector runs).
             names: list[str] = []
 
-            def reduce_in_backward(index: int, activation: Any, gradient: Any) -> None:
+            def reduce_in_backward(index: int, gradient: Any) -> None:
                 if inside[0]:
                     name = names[index]
-                    reduced[name] = reducer.reduce_probe(  # type: ignore[attr-defined]
-                        activation, to_float32(gradient)
-                    )
+                    reduced[name] = reducer.reduce_gradient(to_float32(gradient))  # type: ignore[attr-defined]
 
             def node(tensor: Any) -> Any:
                 if per_probe:
                     index = sum(t.differentiable for t in tapped)
+                    with torch.no_grad():
+                        forward_shares.append(
+                            reducer.reduce_activation(tensor.detach())  # type: ignore[attr-defined]
+                        )
                     on_gradient = functools.partial(reduce_in_backward, index)
                     return _Tap.apply(tensor, anchor, on_gradient)  # type: ignore[no-untyped-call]
                 if tensor.requires_grad:
@@ -208,7 +216,14 @@ class TorchAdapter:
                     names.extend(t.name for t in differentiable)
                     inside[0] = True
                     return self._reduced(
-                        tapped, reduced, anchor, loss, variables, values, config
+                        tapped,
+                        forward_shares,
+                        reduced,
+                        anchor,
+                        loss,
+                        variables,
+                        values,
+                        config,
                     )
                 inputs = handles + [v for v in values if v.requires_grad]
                 if inputs and loss.requires_grad:
@@ -245,6 +260,7 @@ class TorchAdapter:
     @staticmethod
     def _reduced(
         tapped: list[Tapped],
+        forward_shares: list[list[Any]],
         reduced: dict[str, list[Any]],
         anchor: Any,
         loss: Any,
@@ -268,10 +284,17 @@ class TorchAdapter:
             for v, value in zip(variables, values, strict=True)
         }
         with torch.no_grad():
+            shares = iter(forward_shares)
+            activation_shares = {
+                t.name: next(shares)
+                if t.differentiable
+                else reducer.reduce_activation(_detach(t.activation))
+                for t in tapped
+            }
             for t in tapped:
-                if t.name not in reduced:
-                    reduced[t.name] = reducer.reduce_probe(_detach(t.activation), None)
-            return reducer.combine(reduced, weight_gradients)
+                if t.name not in reduced:  # not reached by the gradient
+                    reduced[t.name] = reducer.reduce_gradient(None)
+            return reducer.combine(activation_shares, reduced, weight_gradients)
 
     def to_numpy(self, value: Any) -> np.ndarray:
         if isinstance(value, torch.Tensor):

@@ -184,10 +184,23 @@ class TensorFlowMoments(Moments):
         tensors; one `tf.cond` per probe takes the whole-tensor exact path
         when a tensor holds a non-finite value.
         """
-        sizes = None if self.g is None else row_blocks(self.a.shape)
-        if sizes is None or self.g.shape != self.a.shape:
+        sizes = row_blocks(self.a.shape)
+        if self.g is None:
+            # The activation's share (`StatisticsReducer.reduce_activation`).
+            if any(name.startswith("g_") for name in moments):
+                sizes = None
+        elif self.g.shape != self.a.shape:
+            sizes = None
+        if sizes is None:
             return super().row(moments)
-        blocks = _FiniteBlocks(tf.split(self.a, sizes), tf.split(self.g, sizes))
+        a_blocks = tf.split(self.a, sizes)
+        if self.g is None:
+            g_blocks = []
+        elif self.g is self.a:  # the gradient's share, standing in for `a`
+            g_blocks = a_blocks
+        else:
+            g_blocks = tf.split(self.g, sizes)
+        blocks = _FiniteBlocks(a_blocks, g_blocks)
         fast = tf.stack([blocks.moment(name) for name in moments])
         checks = []
         if any(name.startswith("g_") for name in moments):

@@ -171,44 +171,101 @@ class StatisticsReducer:
         weight_gradients: dict[str, Tensor | None],
         loss: Tensor,
     ) -> Tensor:
-        probes = {
-            name: self.reduce_probe(activations[name], gradients.get(name))
-            for name in activations
-        }
-        return self.combine(probes, weight_gradients)
+        return self.combine(
+            {name: self.reduce_activation(a) for name, a in activations.items()},
+            {name: self.reduce_gradient(gradients.get(name)) for name in activations},
+            weight_gradients,
+        )
 
-    def reduce_probe(self, activation: Tensor, gradient: Tensor | None) -> list[Any]:
-        """One probe's share of the output: its moments row, histograms, counts.
+    def _moments_of(self, prefix: str) -> tuple[str, ...]:
+        return tuple(m for m in self.moments if m.startswith(prefix))
 
-        An adapter may call this for each probe as soon as its gradient
-        exists (inside the backward pass), then `combine`; `__call__` is the
-        two together.
+    def reduce_activation(self, activation: Tensor) -> list[Any]:
+        """One probe's activation share: its `a_*` moments, activation histogram.
+
+        Needs no gradient, so an adapter may call it in the forward pass,
+        where the activation appears: the backward pass then keeps no
+        activation for the statistics' sake (`reduce_gradient` is the rest).
+        """
+        moments = self._moments_of("a_")
+        if not moments and not self.bins:
+            return []
+        probe = moments_class()(activation, None)
+        parts = [probe.row(moments)] if moments else []
+        if self.bins:
+            parts.append(probe.histogram("a", self.bins))
+        return parts
+
+    def reduce_gradient(self, gradient: Tensor | None) -> list[Any]:
+        """One probe's gradient share: its `g_*` moments, gradient histogram.
+
+        `None` (no gradient reached the probe) gives NaN moments and an
+        empty histogram. An adapter may call it inside the backward pass, as
+        soon as the gradient exists, so that no gradient outlives it.
         """
         ops = keras.ops
-        probe = moments_class()(activation, gradient)
-        parts = [probe.row(self.moments)]
-        if self.bins:
-            if probe.g is None:
+        moments = self._moments_of("g_")
+        parts: list[Any] = []
+        if gradient is None:
+            if moments:
+                parts.append(ops.full((len(moments),), float("nan"), "float32"))
+            if self.bins:
                 parts.append(
                     ops.convert_to_tensor(
                         [float("inf"), float("-inf")] + [0.0] * self.bins, "float32"
                     )
                 )
-            else:
-                parts.append(probe.histogram("g", self.bins))
-            parts.append(probe.histogram("a", self.bins))
+            return parts
+        if not moments and not self.bins:
+            return parts
+        # The moments classes take an activation; the gradient stands in for
+        # it (same shape and device), and no activation moment is read.
+        g = ops.cast(gradient, "float32")
+        probe = moments_class()(g, g)
+        if moments:
+            parts.append(probe.row(moments))
+        if self.bins:
+            parts.append(probe.histogram("g", self.bins))
         return parts
+
+    def _order(self, probes: int, weights: int) -> np.ndarray | None:
+        """Where each output entry is in `combine`'s concatenation (None: same).
+
+        Each probe's shares are concatenated as gradient moments,
+        activation moments, gradient histogram, activation histogram; the
+        output row lays the moments out in `self.moments` order.
+        """
+        moments = self.moments
+        split = self._moments_of("g_") + self._moments_of("a_")
+        if split == moments:
+            return None
+        local = np.array([split.index(m) for m in moments])
+        local = np.concatenate([local, np.arange(len(moments), self.row_size)])
+        rows = [local + i * self.row_size for i in range(probes)]
+        rows.append(probes * self.row_size + np.arange(weights))
+        return np.concatenate(rows).astype("int32")
 
     def combine(
         self,
-        probes: dict[str, list[Any]],
+        activations: dict[str, list[Any]],
+        gradients: dict[str, list[Any]],
         weight_gradients: dict[str, Tensor | None],
     ) -> Any:
-        """The output from each probe's `reduce_probe` and the weight gradients."""
+        """The output from each probe's shares and the weight gradients.
+
+        `activations[name]` is `reduce_activation`'s result for the probe,
+        `gradients[name]` `reduce_gradient`'s (same keys).
+        """
         ops = keras.ops
         parts = []
-        for name in sorted(probes):
-            parts.extend(probes[name])
+        for name in sorted(gradients):
+            g_parts, a_parts = gradients[name], activations[name]
+            if self._moments_of("g_"):
+                parts.append(g_parts[0])
+            if self._moments_of("a_"):
+                parts.append(a_parts[0])
+            parts.extend(g_parts[-1:] if self.bins else [])
+            parts.extend(a_parts[-1:] if self.bins else [])
         norms = []
         for path in sorted(weight_gradients):
             gradient = weight_gradients[path]
@@ -220,7 +277,11 @@ class StatisticsReducer:
                 )
         if norms:
             parts.append(ops.stack(norms))
-        return ops.concatenate(parts) if parts else ops.zeros((0,), "float32")
+        if not parts:
+            return ops.zeros((0,), "float32")
+        vector = ops.concatenate(parts)
+        order = self._order(len(gradients), len(norms))
+        return vector if order is None else ops.take(vector, order)
 
     def unpack(
         self, vector: np.ndarray, probes: Sequence[str], weight_paths: Sequence[str]
