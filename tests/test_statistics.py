@@ -54,10 +54,18 @@ def reference_statistics(activation: np.ndarray, gradient: np.ndarray | None) ->
 
 
 def reduce(
-    model, x, y, *, loss="model", bins=BINS, weight_gradients=False, sample_weight=None
+    model,
+    x,
+    y,
+    *,
+    loss="model",
+    bins=BINS,
+    weight_gradients=False,
+    sample_weight=None,
+    statistics=STATISTICS,
 ):
     engine = get_engine(model)
-    reducer = StatisticsReducer(STATISTICS, bins)
+    reducer = StatisticsReducer(tuple(statistics), bins)
     config = PassConfig(loss, False, weight_gradients, reducer)
     result = engine.run(engine.prepare(x, y, sample_weight, loss), config)
     paths = [v.path for v in model.trainable_variables] if weight_gradients else []
@@ -111,11 +119,9 @@ def test_statistics_match_numpy_definitions():
     assert reduced.statistics["hidden_out"]["dead_unit_fraction"] >= 2 / 5 - 1e-6
 
 
-def test_probes_reduced_in_the_backward_pass_match_numpy():
-    # The callback's reducer reduces each probe where its gradient appears in
-    # the backward pass (TensorFlow, PyTorch): a probe reached twice, a skip
-    # that bypasses a probe, a probe the loss does not reach and weight
-    # gradients, against the tensors `activation_gradients` returns whole.
+def reused_probe_model():
+    """A probe reached twice, a skip that bypasses a probe, a probe the loss
+    does not reach; a batch and targets."""
     keras.utils.set_random_seed(5)
     shared = keras_actgrad.GradientProbe(name="shared")
     dense = keras.layers.Dense(6, activation="tanh", name="dense")
@@ -133,6 +139,16 @@ def test_probes_reduced_in_the_backward_pass_match_numpy():
     rng = np.random.default_rng(3)
     x = rng.normal(size=(5, 6)).astype("float32")
     y = [rng.normal(size=(5, 2)).astype("float32"), np.zeros((5, 6), "float32")]
+    return model, x, y
+
+
+def test_probes_reduced_in_the_backward_pass_match_numpy():
+    # The callback's reducer reduces each probe where its gradient appears in
+    # the backward pass (TensorFlow, PyTorch; its activation share at the tap,
+    # in the forward pass): a probe reached twice, a skip that bypasses a
+    # probe, a probe the loss does not reach and weight gradients, against
+    # the tensors `activation_gradients` returns whole.
+    model, x, y = reused_probe_model()
     reduced = reduce(model, x, y, weight_gradients=True)
     results = keras_actgrad.activation_gradients(model, x, y)
     assert sorted(reduced.statistics) == sorted(results)
@@ -154,6 +170,53 @@ def test_probes_reduced_in_the_backward_pass_match_numpy():
         ):
             counts = reduced.histograms[probe][kind][2]
             assert counts.sum() == (0 if values is None else values.size)
+
+
+@pytest.mark.parametrize("bins", [0, 4])
+@pytest.mark.parametrize(
+    "statistics",
+    [
+        ("grad_norm", "sample_grad_norm_max"),  # gradient share only
+        ("act_std", "dead_unit_fraction"),  # activation share only
+        # Moments of both shares, interleaved in the output row.
+        ("nonfinite", "act_mean", "grad_zero_fraction", "act_zero_fraction"),
+    ],
+)
+def test_statistic_subsets_reduced_per_probe_match_numpy(statistics, bins):
+    # Each probe's activation share and gradient share are reduced apart
+    # (forward and backward pass) and laid out in the row `unpack` reads,
+    # whichever shares the statistics need; the unreached probe ("cut")
+    # still gives its activation statistics and histogram.
+    model, x, y = reused_probe_model()
+    reduced = reduce(model, x, y, bins=bins, statistics=statistics)
+    results = keras_actgrad.activation_gradients(model, x, y)
+    for probe, result in results.items():
+        expected = reference_statistics(result.activation, result.gradient)
+        assert sorted(reduced.statistics[probe]) == sorted(statistics)
+        for name in statistics:
+            np.testing.assert_allclose(
+                reduced.statistics[probe][name],
+                expected[name],
+                rtol=2e-5,
+                atol=1e-7,
+                err_msg=f"{probe}/{name}",
+            )
+        if not bins:
+            assert reduced.histograms == {}
+            continue
+        for kind, values in (
+            ("gradient", result.gradient),
+            ("activation", result.activation),
+        ):
+            low, high, counts = reduced.histograms[probe][kind]
+            if values is None:
+                assert counts.sum() == 0 and np.isnan(low), (probe, kind)
+                continue
+            assert (low, high) == pytest.approx((values.min(), values.max()))
+            expected_counts, _ = np.histogram(
+                values, bins=bins, range=(values.min(), values.max())
+            )
+            assert np.abs(counts - expected_counts).sum() <= 2, (probe, kind)
 
 
 def test_histograms_match_numpy():
