@@ -252,29 +252,44 @@ def histogram(
     """
     ops = keras.ops
     flat = ops.reshape(float32(x), (-1,))
-    if bounds is not None:
-        return _bounded_histogram(flat, bins, finite, bounds)
-
-    def bucket(values: Tensor, low: Tensor, high: Tensor) -> Tensor:
-        return _bucket(values, low, high, bins)
-
-    def all_finite() -> Tensor:
-        low, high = ops.min(flat), ops.max(flat)
-        counts = _count(bucket(flat, low, high), None, bins)
-        return ops.concatenate([ops.stack([low, high]), counts])
-
-    def some_nonfinite() -> Tensor:
-        mask = ops.isfinite(flat)
-        low = ops.min(ops.where(mask, flat, float("inf")))
-        high = ops.max(ops.where(mask, flat, float("-inf")))
-        safe_low = ops.where(ops.isfinite(low), low, 0.0)
-        index = bucket(ops.where(mask, flat, safe_low), safe_low, high)
-        counts = _count(index, float32(mask), bins)
-        return ops.concatenate([ops.stack([low, high]), counts])
-
     if finite is None:
         finite = ops.isfinite(ops.sum(flat))
-    return ops.cond(finite, all_finite, some_nonfinite)
+    if bounds is not None:
+        return _bounded_histogram(flat, bins, finite, bounds)
+    return ops.cond(
+        finite,
+        lambda: _finite_histogram(flat, bins),
+        lambda: nonfinite_histogram(flat, bins),
+    )
+
+
+def _finite_histogram(flat: Tensor, bins: int) -> Tensor:
+    """`histogram` of a flat tensor whose entries are all finite."""
+    ops = keras.ops
+    low, high = ops.min(flat), ops.max(flat)
+    counts = _count(_bucket(flat, low, high, bins), None, bins)
+    return ops.concatenate([ops.stack([low, high]), counts])
+
+
+def nonfinite_histogram(
+    x: Tensor, bins: int, bounds: Sequence[Tensor] | None = None
+) -> Tensor:
+    """`histogram` of a tensor with non-finite entries (they are not counted).
+
+    The path `histogram` takes when `finite` is False, without the branch:
+    for a backend's `histogram` whose own fast path is for finite tensors.
+    """
+    ops = keras.ops
+    flat = ops.reshape(float32(x), (-1,))
+    if bounds is not None:
+        return _bounded_nonfinite_histogram(flat, bins, bounds)
+    mask = ops.isfinite(flat)
+    low = ops.min(ops.where(mask, flat, float("inf")))
+    high = ops.max(ops.where(mask, flat, float("-inf")))
+    safe_low = ops.where(ops.isfinite(low), low, 0.0)
+    index = _bucket(ops.where(mask, flat, safe_low), safe_low, high, bins)
+    counts = _count(index, float32(mask), bins)
+    return ops.concatenate([ops.stack([low, high]), counts])
 
 
 def _bucket(values: Tensor, low: Tensor, high: Tensor, bins: int) -> Tensor:
@@ -289,26 +304,36 @@ def _bucket(values: Tensor, low: Tensor, high: Tensor, bins: int) -> Tensor:
     return ops.cast((values - low) * scale, "int32")
 
 
-def _bounded_histogram(
-    flat: Tensor, bins: int, finite: Tensor | None, bounds: Sequence[Tensor]
-) -> Tensor:
-    """`histogram` of `flat` in a given range (see `histogram`'s `bounds`)."""
+def _bounds(bounds: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     ops = keras.ops
     low = ops.convert_to_tensor(bounds[0], "float32")
     high = ops.convert_to_tensor(bounds[1], "float32")
-    edges = ops.stack([low, high])
+    return low, high
+
+
+def _bounded_histogram(
+    flat: Tensor, bins: int, finite: Tensor, bounds: Sequence[Tensor]
+) -> Tensor:
+    """`histogram` of `flat` in a given range (see `histogram`'s `bounds`)."""
+    ops = keras.ops
 
     def all_finite() -> Tensor:
+        low, high = _bounds(bounds)
         index = ops.clip(_bucket(flat, low, high, bins), 0, bins)
-        return ops.concatenate([edges, _count(index, None, bins)])
+        return ops.concatenate([ops.stack([low, high]), _count(index, None, bins)])
 
-    def some_nonfinite() -> Tensor:
-        mask = ops.isfinite(flat)
-        safe_low = ops.where(ops.isfinite(low), low, 0.0)
-        index = _bucket(ops.where(mask, flat, safe_low), safe_low, high, bins)
-        index = ops.clip(index, 0, bins)
-        return ops.concatenate([edges, _count(index, float32(mask), bins)])
+    return ops.cond(
+        finite, all_finite, lambda: _bounded_nonfinite_histogram(flat, bins, bounds)
+    )
 
-    if finite is None:
-        finite = ops.isfinite(ops.sum(flat))
-    return ops.cond(finite, all_finite, some_nonfinite)
+
+def _bounded_nonfinite_histogram(
+    flat: Tensor, bins: int, bounds: Sequence[Tensor]
+) -> Tensor:
+    ops = keras.ops
+    low, high = _bounds(bounds)
+    mask = ops.isfinite(flat)
+    safe_low = ops.where(ops.isfinite(low), low, 0.0)
+    index = _bucket(ops.where(mask, flat, safe_low), safe_low, high, bins)
+    index = ops.clip(index, 0, bins)
+    return ops.concatenate([ops.stack([low, high]), _count(index, float32(mask), bins)])

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from keras_actgrad._statistics.moments import Moments, histogram
+from keras_actgrad._statistics.moments import Moments, nonfinite_histogram
 
 # Row blocks: a reduction over one probe's tensor is split into blocks of at
 # most this many entries. TensorFlow (Eigen) runs an op over a 512 x 512
@@ -75,6 +75,8 @@ def _finite_histogram(tensor: Any, bins: int, bounds: Any = None) -> Any:
     blocks = _blocks(tensor)
     if bounds is not None:
         low, high = bounds[0], bounds[1]
+    elif len(blocks) == 1:
+        low, high = tf.reduce_min(tensor), tf.reduce_max(tensor)
     else:
         low = tf.reduce_min(tf.stack([tf.reduce_min(b) for b in blocks]))
         high = tf.reduce_max(tf.stack([tf.reduce_max(b) for b in blocks]))
@@ -82,9 +84,8 @@ def _finite_histogram(tensor: Any, bins: int, bounds: Any = None) -> Any:
     # that stays wider than 0 in float32 when |low| is large).
     top = tf.where(high > low, high, low + tf.maximum(tf.abs(low), 1.0))
     value_range = tf.stack([low, top])
-    counts = tf.add_n(
-        [tf.histogram_fixed_width(b, value_range, nbins=bins) for b in blocks]
-    )
+    parts = [tf.histogram_fixed_width(b, value_range, nbins=bins) for b in blocks]
+    counts = tf.add_n(parts) if len(parts) > 1 else parts[0]
     return tf.concat([tf.stack([low, high]), tf.cast(counts, tf.float32)], 0)
 
 
@@ -169,51 +170,97 @@ class TensorFlowMoments(Moments):
             finite = self.act_finite() if which == "a" else self.grad_finite()
         else:  # a chunk of a batch: the batch's range and finiteness
             limits, finite = (bounds[0], bounds[1]), bounds[2]
+        # The non-finite branch without `histogram`'s own `tf.cond` on
+        # `finite` (known False there): every op of the branch not taken is
+        # still visited by the executor, once per event.
         return tf.cond(
             finite,
             lambda: _finite_histogram(tensor, bins, limits),
-            lambda: histogram(tensor, bins, finite, limits),
+            lambda: nonfinite_histogram(tensor, bins, limits),
         )
 
     def row(self, moments: Any) -> Any:
-        """The moments as one vector, reduced in row blocks when large.
+        """The moments as one vector: one branch a probe, row blocks when large.
 
-        The blocks are reduced without a branch (each `tf.cond` adds two
-        functions to the graph: per block, hundreds of probes made the
-        traced graph take gigabytes, see `_FiniteBlocks`), assuming finite
-        tensors; one `tf.cond` per probe takes the whole-tensor exact path
-        when a tensor holds a non-finite value.
+        The moments are reduced without a branch, assuming finite tensors;
+        one `tf.cond` per probe takes the whole-tensor exact path when a
+        tensor holds a non-finite value. Each `tf.cond` adds two functions
+        to the graph and, lowered, ops that the executor visits on every
+        event, taken or not: on small tensors they cost more than the
+        reductions (DenseNet121: 242 probes, most of 16-64K entries), and
+        per block, hundreds of probes made the traced graph take gigabytes
+        (see `_FiniteBlocks`). Large tensors are reduced in row blocks.
         """
-        sizes = row_blocks(self.a.shape)
-        if self.g is None:
-            # The activation's share (`StatisticsReducer.reduce_activation`).
-            if any(name.startswith("g_") for name in moments):
-                sizes = None
-        elif self.g.shape != self.a.shape:
-            sizes = None
-        if sizes is None:
+        wants_g = any(name.startswith("g_") for name in moments)
+        if not _blockable(self.a, self.g if wants_g else self.a):
             return super().row(moments)
-        a_blocks = tf.split(self.a, sizes)
-        if self.g is None:
-            g_blocks = []
-        elif self.g is self.a:  # the gradient's share, standing in for `a`
-            g_blocks = a_blocks
-        else:
-            g_blocks = tf.split(self.g, sizes)
+        sizes = row_blocks(self.a.shape)
+
+        def split(tensor: Any) -> list[Any]:
+            return [tensor] if sizes is None else tf.split(tensor, sizes)
+
+        a_blocks = split(self.a)
+        # (`self.g is self.a`: the gradient standing in for the activation.)
+        same = wants_g and self.g is self.a
+        g_blocks = a_blocks if same else split(self.g) if wants_g else []
         blocks = _FiniteBlocks(a_blocks, g_blocks)
         fast = tf.stack([blocks.moment(name) for name in moments])
         checks = []
-        if any(name.startswith("g_") for name in moments):
+        if wants_g:
             checks.append(tf.math.is_finite(blocks.moment("g_sum_sq")))
         if any(name.startswith("a_") for name in moments):
             checks.append(tf.math.is_finite(blocks.moment("a_sum")))
         if not checks:
             return fast
+        finite = checks[0] if len(checks) == 1 else tf.logical_and(*checks)
         return tf.cond(
-            tf.reduce_all(tf.stack(checks)),
+            finite,
             lambda: fast,
-            lambda: Moments.row(TensorFlowMoments(self.a, self.g), moments),
+            lambda: Moments.row(_ExactMoments(self.a, self.g), moments),
         )
+
+
+def _blockable(a: Any, g: Any) -> bool:
+    """Whether `_FiniteBlocks` can reduce the probe: static shapes, rank >= 2."""
+    shape = a.shape
+    return (
+        g is not None
+        and shape.rank is not None
+        and shape.rank >= 2
+        and shape.is_fully_defined()
+        and g.shape == shape
+    )
+
+
+class _ExactMoments(TensorFlowMoments):
+    """`TensorFlowMoments` without their branches on finiteness.
+
+    For `row`'s non-finite branch: the same values as `TensorFlowMoments`
+    for finite and non-finite tensors alike (sums of 0 / 1 counts are
+    exact), in fewer ops, which the executor visits even when the branch
+    is not taken.
+    """
+
+    def g_abs_max(self) -> Any:
+        largest = tf.reduce_max(self._abs_g())
+        return tf.where(tf.reduce_any(tf.math.is_nan(self.g)), np.nan, largest)
+
+    def g_nonzero(self) -> Any:
+        return tf.reduce_sum(tf.cast(tf.not_equal(self.g, 0.0), tf.float32))
+
+    def g_nonfinite(self) -> Any:
+        nonfinite = tf.logical_not(tf.math.is_finite(self.g))
+        return tf.reduce_sum(tf.cast(nonfinite, tf.float32))
+
+    def _unit_counts(self) -> Any:
+        def compute() -> Any:
+            a = self.a
+            if a.shape.rank <= 1:
+                a = tf.reshape(a, [-1, 1])
+            axes = list(range(a.shape.rank - 1))
+            return tf.reduce_sum(tf.cast(tf.not_equal(a, 0.0), tf.float32), axis=axes)
+
+        return self._get("_unit_counts", compute)
 
 
 class _FiniteBlocks:
@@ -239,6 +286,9 @@ class _FiniteBlocks:
     def _sum(self, parts: list[Any]) -> Any:
         return tf.add_n(parts) if len(parts) > 1 else parts[0]
 
+    def _max(self, parts: list[Any]) -> Any:
+        return tf.reduce_max(tf.stack(parts)) if len(parts) > 1 else parts[0]
+
     def _abs_g(self) -> list[Any]:
         if "_abs_g" not in self._cache:
             self._cache["_abs_g"] = [tf.abs(b) for b in self.g_blocks]
@@ -250,13 +300,11 @@ class _FiniteBlocks:
     def _compute(self, name: str) -> Any:
         if name == "_sample_norms":
             rank = self.g_blocks[0].shape.rank
-            return tf.concat(
-                [
-                    tf.math.reduce_euclidean_norm(b, axis=list(range(1, rank)))
-                    for b in self.g_blocks
-                ],
-                0,
-            )
+            norms = [
+                tf.math.reduce_euclidean_norm(b, axis=list(range(1, rank)))
+                for b in self.g_blocks
+            ]
+            return tf.concat(norms, 0) if len(norms) > 1 else norms[0]
         if name == "g_size":
             return tf.constant(self.g_entries, tf.float32)
         if name == "a_size":
@@ -268,7 +316,7 @@ class _FiniteBlocks:
         if name == "g_abs_sum":
             return self._sum([tf.reduce_sum(b) for b in self._abs_g()])
         if name == "g_abs_max":
-            return tf.reduce_max(tf.stack([tf.reduce_max(b) for b in self._abs_g()]))
+            return self._max([tf.reduce_max(b) for b in self._abs_g()])
         if name == "g_nonzero":
             return self._sum([tf.reduce_sum(tf.sign(b)) for b in self._abs_g()])
         if name == "g_nonfinite":
