@@ -90,11 +90,6 @@ def _row(probe: Moments, moments: tuple[str, ...], bins: int) -> Tensor:
     return keras.ops.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
-def _sq_norm(tensor: Tensor) -> Tensor:
-    tensor = keras.ops.cast(tensor, "float32")
-    return keras.ops.sum(keras.ops.square(tensor))
-
-
 class _Trace:
     """What one trace of the monitored step records (backend tensors)."""
 
@@ -142,24 +137,10 @@ class _Trace:
         scale: Any,
     ) -> None:
         """Weight-gradient norms (unscaled), update norms, weight norms."""
-        grad_sq = []
         # Under tf.distribute: summed over the replicas, as the optimizer does.
-        for g in self._replicas.sum(grads):
-            if g is None:
-                grad_sq.append(keras.ops.convert_to_tensor(float("nan")))
-                continue
-            g = keras.ops.cast(g, "float32")
-            grad_sq.append(_sq_norm(g if scale is None else g / scale))
-        update_sq = [
-            _sq_norm(keras.ops.cast(n, "float32") - keras.ops.cast(o, "float32"))
-            for o, n in zip(old, new, strict=True)
-        ]
-        weight_sq = [_sq_norm(o) for o in old]
-        ops = keras.ops
+        grads = self._replicas.sum(grads)
         self.weight_paths = list(paths)
-        self.weights = ops.stack(
-            [ops.stack(grad_sq), ops.stack(update_sq), ops.stack(weight_sq)]
-        )
+        self.weights = self._probe_class.weight_squares(grads, old, new, scale)
 
     def record_spike(self, threshold: Tensor) -> None:
         """The full record, computed on the device only on a spike."""

@@ -205,6 +205,41 @@ class Moments:
         """The given moments as one float32 vector."""
         return keras.ops.stack([float32(self.moment(m)) for m in moments])
 
+    @staticmethod
+    def weight_squares(
+        grads: Sequence[Tensor | None],
+        old: list[Tensor],
+        new: Sequence[Tensor],
+        scale: Tensor | None,
+    ) -> Tensor:
+        """Squared L2 norms of a training step's weight gradients and updates.
+
+        Returns a `[3, n]` float32 tensor: the gradients' (divided by `scale`
+        when given; NaN for a missing gradient), the updates' (`new - old`)
+        and the weights' before the update (`old`). `old` may be overwritten
+        (a backend's version may reuse the copies the step made of them).
+        """
+        ops = keras.ops
+        grad_sq = []
+        for g in grads:
+            if g is None:
+                grad_sq.append(nan())
+                continue
+            g = float32(g)
+            grad_sq.append(_sq_norm(g if scale is None else g / scale))
+        update_sq = [
+            _sq_norm(float32(n) - float32(o)) for o, n in zip(old, new, strict=True)
+        ]
+        weight_sq = [_sq_norm(o) for o in old]
+        return ops.stack(
+            [ops.stack(grad_sq), ops.stack(update_sq), ops.stack(weight_sq)]
+        )
+
+
+def _sq_norm(tensor: Tensor) -> Tensor:
+    tensor = float32(tensor)
+    return keras.ops.sum(keras.ops.square(tensor))
+
 
 def _count(index: Tensor, weights: Tensor | None, bins: int) -> Tensor:
     """Counts of `index` values in `[0, bins]`, the last folded into `bins - 1`.
