@@ -7,8 +7,9 @@ convolution, BatchNormalization and ReLU6 at 1x1 spatial size, as at the
 end of keras.applications MobileNet on 32x32 inputs): weights drifted by
 about 1e-7 from `fit` without the monitor.
 
-On JAX this is a known failure (strict xfail: it fails the suite once it
-passes). The cause: any reduction of a tapped gradient inside the step
+On JAX this is a known failure (an expected failure, not strict: XLA's
+fusion choices may depend on the CPU, and the suite reports XPASS the day
+it passes). The cause: any reduction of a tapped gradient inside the step
 makes XLA:CPU store the ReLU6-backward `select` as a separate result; the
 fusions that read it then compile differently, and XLA:CPU's reduction
 adds are reassociable, so the same sums round differently. Returning a
@@ -64,7 +65,7 @@ def _state(model: keras.Model) -> list[np.ndarray]:
 @pytest.mark.xfail(
     keras.backend.backend() == "jax",
     reason="XLA:CPU rounds the monitored step's conv gradients differently",
-    strict=True,
+    strict=False,
 )
 def test_conv_batchnorm_training_is_bit_identical() -> None:
     rng = np.random.default_rng(0)
