@@ -59,8 +59,13 @@ class GradientMonitor(keras.callbacks.Callback):
     pass that updates the weights: no second pass. The statistics are
     reduced on the device inside the compiled training step. Steps not
     monitored run Keras's own compiled step, untouched, so they cost nothing.
-    Training is unchanged bit for bit: weights, optimizer slots, metrics and
-    random-generator state are those of `fit` without the monitor.
+    Training is unchanged: weights, optimizer slots, metrics and
+    random-generator state are those of `fit` without the monitor, bit for
+    bit, except for the compilers' rounding in two cases (see the README):
+    on TensorFlow, activation statistics (`act_*`, `dead_unit_fraction`,
+    histograms) read the layer outputs, which can stop Grappler from
+    merging additions (float32 rounding then differs); on JAX, XLA may round
+    a convolutional network's monitored step differently.
 
     With `weight_gradients=True` it also records, per trainable variable,
     the L2 norm of the gradient the optimizer received (unscaled under
