@@ -19,7 +19,13 @@ class TorchStepHooks:
     stateless = False
 
     @staticmethod
-    def identity(tensor: Any, on_gradient: Callable[[Any, Any], None]) -> Any:
+    def identity(
+        tensor: Any,
+        on_gradient: Callable[[Any, Any], None],
+        on_forward: Callable[[Any], None],
+    ) -> Any:
+        # (The caller drops its handle when the hook runs, as `held` does.)
+        on_forward(tensor.detach())
         if not tensor.requires_grad:
             return tensor
         output = tensor.view_as(tensor)
@@ -39,6 +45,10 @@ class TorchStepHooks:
 
         output.register_hook(hook)
         return output
+
+    @staticmethod
+    def readable(activation: Any) -> bool:
+        return True
 
     @staticmethod
     def copy(value: Any) -> Any:
