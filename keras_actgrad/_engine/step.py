@@ -100,16 +100,13 @@ def _unreached_row(probe: Moments, moments: tuple[str, ...], bins: int) -> Tenso
     """
     ops = keras.ops
     a_moments = tuple(m for m in moments if m.startswith("a_"))
-    a_row = probe.row(a_moments) if a_moments else None
+    a_row: Tensor = probe.row(a_moments) if a_moments else None
     parts = []
     if moments:
         nan = ops.full((), float("nan"), "float32")
         parts.append(
             ops.stack(
-                [
-                    a_row[a_moments.index(m)] if m in a_moments else nan
-                    for m in moments
-                ]
+                [a_row[a_moments.index(m)] if m in a_moments else nan for m in moments]
             )
         )
     if bins:
