@@ -305,13 +305,29 @@ class StepHooks(Protocol):
 
     @staticmethod
     def identity(
-        tensor: Tensor, on_gradient: Callable[[Tensor, Tensor], None]
+        tensor: Tensor,
+        on_gradient: Callable[[Tensor, Tensor], None],
+        on_forward: Callable[[Tensor], None],
     ) -> Tensor:
         """`tensor`, unchanged, whose backward pass calls `on_gradient(a, g)`.
 
         `a` is the tensor, `g` the gradient flowing back into it, which is
         passed on untouched. `on_gradient` builds the reductions in the
         backward pass of the step being traced (or run, eagerly).
+        `on_forward(a)` is called in the forward pass with a handle of the
+        tensor that the step may still read after its backward pass (where
+        `readable` says so): the activation of a tap that no gradient
+        reaches (its `on_gradient` is never called). Calling it reads
+        nothing.
+        """
+        ...
+
+    @staticmethod
+    def readable(activation: Tensor) -> bool:
+        """Whether a handle given to `on_forward` may be read here.
+
+        False for a tensor of an inner trace (e.g. a loop's body) that the
+        step's own trace cannot use.
         """
         ...
 

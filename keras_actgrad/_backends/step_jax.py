@@ -22,12 +22,21 @@ class JaxStepHooks:
     stateless = True
 
     @staticmethod
-    def identity(tensor: Any, on_gradient: Callable[[Any, Any], None]) -> Any:
+    def identity(
+        tensor: Any,
+        on_gradient: Callable[[Any, Any], None],
+        on_forward: Callable[[Any], None],
+    ) -> Any:
         @jax.custom_vjp
         def identity(x: Any) -> Any:
             return x
 
         def forward(x: Any) -> Any:
+            # Called on the primal value, a value of the step's own trace
+            # (not one of the differentiation's), which the step may read
+            # after `value_and_grad`: the backward function is not called
+            # at all for a tap that no gradient reaches.
+            on_forward(x)
             return x, x
 
         def backward(activation: Any, gradient: Any) -> Any:
@@ -36,6 +45,17 @@ class JaxStepHooks:
 
         identity.defvjp(forward, backward)
         return identity(tensor)
+
+    @staticmethod
+    def readable(activation: Any) -> bool:
+        trace = getattr(activation, "_trace", None)
+        if trace is None:
+            return True  # a concrete array
+        try:
+            from jax._src import core
+        except ImportError:  # pragma: no cover - a JAX without it
+            return False
+        return bool(trace is core.trace_ctx.trace)
 
     @staticmethod
     def copy(value: Any) -> Any:

@@ -21,7 +21,16 @@ class TensorFlowStepHooks:
     stateless = False
 
     @staticmethod
-    def identity(tensor: Any, on_gradient: Callable[[Any, Any], None]) -> Any:
+    def identity(
+        tensor: Any,
+        on_gradient: Callable[[Any, Any], None],
+        on_forward: Callable[[Any], None],
+    ) -> Any:
+        # The tensor itself: a symbolic tensor of the step's graph, which
+        # gains a consumer only if the step reads it (`_Trace` does so only
+        # for a tap no gradient reaches).
+        on_forward(tensor)
+
         @tf.custom_gradient  # type: ignore[untyped-decorator]
         def identity(x: Any) -> Any:
             def gradient(dy: Any) -> Any:
@@ -31,6 +40,12 @@ class TensorFlowStepHooks:
             return tf.identity(x), gradient
 
         return identity(tensor)
+
+    @staticmethod
+    def readable(activation: Any) -> bool:
+        if not tf.is_symbolic_tensor(activation):
+            return True  # eager
+        return bool(activation.graph is tf.compat.v1.get_default_graph())
 
     @staticmethod
     def copy(value: Any) -> Any:

@@ -19,8 +19,13 @@ class TorchStepHooks:
     stateless = False
 
     @staticmethod
-    def identity(tensor: Any, on_gradient: Callable[[Any, Any], None]) -> Any:
+    def identity(
+        tensor: Any,
+        on_gradient: Callable[[Any, Any], None],
+        on_forward: Callable[[Any], None],
+    ) -> Any:
         if not tensor.requires_grad:
+            on_forward(tensor.detach())
             return tensor
         output = tensor.view_as(tensor)
         # Held until the hook has run, and no longer: the graph's nodes (and
@@ -30,6 +35,8 @@ class TorchStepHooks:
         # its temporaries (on CPU, page faults: measured on the reference
         # MLP, Adam's update 7 -> 15-22 ms a step).
         held = [output.detach()]
+        # (The caller drops its handle when the hook runs, as `held` does.)
+        on_forward(held[0])
 
         def hook(gradient: Any) -> None:
             if not held:  # pragma: no cover - one backward pass a step
@@ -39,6 +46,10 @@ class TorchStepHooks:
 
         output.register_hook(hook)
         return output
+
+    @staticmethod
+    def readable(activation: Any) -> bool:
+        return True
 
     @staticmethod
     def copy(value: Any) -> Any:

@@ -90,6 +90,32 @@ def _row(probe: Moments, moments: tuple[str, ...], bins: int) -> Tensor:
     return keras.ops.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
+def _unreached_row(probe: Moments, moments: tuple[str, ...], bins: int) -> Tensor:
+    """`_row` of a tap that no gradient reached (`probe` without a gradient).
+
+    Its activation share as the probe pass's `StatisticsReducer.
+    reduce_activation` computes it (the activation moments alone), its
+    gradient share as `reduce_gradient(None)`: NaN moments, an empty
+    histogram.
+    """
+    ops = keras.ops
+    a_moments = tuple(m for m in moments if m.startswith("a_"))
+    a_row: Tensor = probe.row(a_moments) if a_moments else None
+    parts = []
+    if moments:
+        nan = ops.full((), float("nan"), "float32")
+        parts.append(
+            ops.stack(
+                [a_row[a_moments.index(m)] if m in a_moments else nan for m in moments]
+            )
+        )
+    if bins:
+        empty = [float("inf"), float("-inf")] + [0.0] * bins
+        parts.append(ops.convert_to_tensor(empty, "float32"))
+        parts.append(probe.histogram("a", bins))
+    return ops.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
 class _Trace:
     """What one trace of the monitored step records (backend tensors)."""
 
@@ -105,6 +131,17 @@ class _Trace:
         self._calls: dict[str, int] = {}
         self._probe_class = moments_class()
         self._replicas = replicas()
+        # The activations of the taps no gradient has reached (yet): handles
+        # kept only when an activation moment, histogram or spike record is
+        # asked for, dropped as the gradient arrives. What is left after the
+        # backward pass is reduced in `payload` (as the probe pass reports
+        # such a tap: activation statistics, NaN gradient statistics).
+        self.forward: dict[str, Tensor] = {}
+        self._reads_activation = bool(
+            any(m.startswith("a_") for m in config.moments)
+            or config.bins
+            or config.spike_bins
+        )
 
     def tap(self, probe: Any, tensor: Tensor) -> Tensor:
         count = self._calls.get(probe.name, 0)
@@ -114,7 +151,12 @@ class _Trace:
         if not _is_float(tensor):
             return tensor
 
+        def on_forward(activation: Tensor) -> None:
+            if self._reads_activation:
+                self.forward[name] = activation
+
         def on_gradient(activation: Tensor, gradient: Tensor) -> None:
+            self.forward.pop(name, None)
             # Under tf.distribute: the global batch's, from every replica.
             activation, gradient = self._replicas.gather(activation, gradient)
             gradient = keras.ops.cast(gradient, "float32")
@@ -126,7 +168,18 @@ class _Trace:
             if self.config.spike_bins:
                 self.stash[name] = (activation, gradient)
 
-        return _backend().identity(tensor, on_gradient)
+        return _backend().identity(tensor, on_gradient, on_forward)
+
+    def _unreached(self) -> dict[str, Tensor]:
+        """The activations of the taps no gradient reached (global batch)."""
+        backend = _backend()
+        out = {}
+        for name in sorted(self.forward):
+            activation = self.forward[name]
+            if name in self.rows or not backend.readable(activation):
+                continue
+            out[name] = self._replicas.gather(activation, activation)[0]
+        return out
 
     def observe(
         self,
@@ -151,6 +204,8 @@ class _Trace:
         finite = ops.where(ops.isfinite(grad_sq), grad_sq, 0.0)
         global_norm = ops.sqrt(ops.sum(finite))
         spike = ops.greater(global_norm, ops.cast(threshold, "float32"))
+        for name, activation in self._unreached().items():
+            self.stash[name] = (activation, None)
         names = sorted(self.stash)
         size = self.config.full_row_size()
 
@@ -158,8 +213,9 @@ class _Trace:
             rows = []
             for name in names:
                 a, g = self.stash[name]
+                make = _row if g is not None else _unreached_row
                 rows.append(
-                    _row(
+                    make(
                         self._probe_class(a, g),
                         self.config.full_moments,
                         self.config.spike_bins,
@@ -177,6 +233,15 @@ class _Trace:
     def payload(self) -> Tensor:
         """Everything the step measured, as one float32 vector (see `Layout`)."""
         ops = keras.ops
+        # Only when the row reads the activation (else its NaN row is the
+        # monitor's default for a missing row).
+        if self.config.bins or any(m.startswith("a_") for m in self.config.moments):
+            for name, activation in self._unreached().items():
+                self.rows[name] = _unreached_row(
+                    self._probe_class(activation, None),
+                    self.config.moments,
+                    self.config.bins,
+                )
         names = sorted(self.rows)
         parts = [self.rows[name] for name in names]
         weights = 0
