@@ -205,6 +205,19 @@ class Moments:
         """The given moments as one float32 vector."""
         return keras.ops.stack([float32(self.moment(m)) for m in moments])
 
+    def row_and_histogram(
+        self, moments: Sequence[str], which: str, bins: int
+    ) -> list[Tensor]:
+        """`[row(moments)]` (if any moments), then `histogram(which, bins)`.
+
+        One share of a probe (see `StatisticsReducer.reduce_activation`):
+        a backend may compute both together, sharing passes over the tensor.
+        """
+        parts = [self.row(moments)] if moments else []
+        if bins:
+            parts.append(self.histogram(which, bins))
+        return parts
+
     @staticmethod
     def weight_squares(
         grads: Sequence[Tensor | None],

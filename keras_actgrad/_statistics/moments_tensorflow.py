@@ -6,6 +6,7 @@ definitions; chosen by the backend dispatcher on TensorFlow.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -219,6 +220,69 @@ class TensorFlowMoments(Moments):
             lambda: Moments.row(_ExactMoments(self.a, self.g), moments),
         )
 
+    def row_and_histogram(
+        self, moments: Sequence[str], which: str, bins: int
+    ) -> list[Any]:
+        """One share's moments and histogram behind one branch on finiteness.
+
+        `row` then `histogram` test the tensor's finiteness twice, each with
+        its own reduction (the histogram's on the whole tensor, next to
+        `row`'s on its blocks) and `tf.cond`. Here one test (`row`'s) and
+        one `tf.cond` serve both; the histogram's range is reduced on the
+        row blocks, next to the moments, and gives `g_abs_max`
+        (`max(-min, max)` of a finite gradient) without its own pass. The
+        histogram bins are counted in the finite branch only.
+        """
+        tensor = self.a if which == "a" else self.g
+        other = "g_" if which == "a" else "a_"
+        if (
+            not bins
+            or any(name.startswith(other) for name in moments)
+            or not _blockable(tensor, tensor)
+        ):
+            return super().row_and_histogram(moments, which, bins)
+        blocks = _blocks(tensor)
+        reduced = (
+            _FiniteBlocks(blocks, []) if which == "a" else _FiniteBlocks([], blocks)
+        )
+        low = reduced._max([tf.reduce_min(b) for b in blocks], tf.reduce_min)
+        high = reduced._max([tf.reduce_max(b) for b in blocks])
+        if which == "g":
+            reduced._cache["g_abs_max"] = tf.maximum(-low, high)
+        fast = [tf.stack([reduced.moment(name) for name in moments])] if moments else []
+        # A sum is finite only if every entry is (or it overflows, which
+        # only costs the exact path): the one the row needs, if any.
+        if which == "a":
+            check = "a_sum"
+        else:
+            check = next(
+                (m for m in ("g_sum_sq", "g_sum", "g_abs_sum") if m in moments),
+                "g_sum",
+            )
+        finite = tf.math.is_finite(reduced.moment(check))
+
+        def finite_branch() -> Any:
+            top = tf.where(high > low, high, low + tf.maximum(tf.abs(low), 1.0))
+            value_range = tf.stack([low, top])
+            parts = [
+                tf.histogram_fixed_width(b, value_range, nbins=bins) for b in blocks
+            ]
+            counts = tf.add_n(parts) if len(parts) > 1 else parts[0]
+            histogram = tf.concat(
+                [tf.stack([low, high]), tf.cast(counts, tf.float32)], 0
+            )
+            return tf.concat([*fast, histogram], 0)
+
+        def exact_branch() -> Any:
+            exact = _ExactMoments(self.a, self.g)
+            rows = [Moments.row(exact, moments)] if moments else []
+            return tf.concat([*rows, nonfinite_histogram(tensor, bins)], 0)
+
+        vector = tf.cond(finite, finite_branch, exact_branch)
+        if not moments:
+            return [vector]
+        return [vector[: len(moments)], vector[len(moments) :]]
+
 
 def _blockable(a: Any, g: Any) -> bool:
     """Whether `_FiniteBlocks` can reduce the probe: static shapes, rank >= 2."""
@@ -286,8 +350,8 @@ class _FiniteBlocks:
     def _sum(self, parts: list[Any]) -> Any:
         return tf.add_n(parts) if len(parts) > 1 else parts[0]
 
-    def _max(self, parts: list[Any]) -> Any:
-        return tf.reduce_max(tf.stack(parts)) if len(parts) > 1 else parts[0]
+    def _max(self, parts: list[Any], reduce: Any = tf.reduce_max) -> Any:
+        return reduce(tf.stack(parts)) if len(parts) > 1 else parts[0]
 
     def _abs_g(self) -> list[Any]:
         if "_abs_g" not in self._cache:

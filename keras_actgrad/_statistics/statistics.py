@@ -191,10 +191,7 @@ class StatisticsReducer:
         if not moments and not self.bins:
             return []
         probe = moments_class()(activation, None)
-        parts = [probe.row(moments)] if moments else []
-        if self.bins:
-            parts.append(probe.histogram("a", self.bins))
-        return parts
+        return probe.row_and_histogram(moments, "a", self.bins)
 
     def reduce_gradient(self, gradient: Tensor | None) -> list[Any]:
         """One probe's gradient share: its `g_*` moments, gradient histogram.
@@ -222,11 +219,7 @@ class StatisticsReducer:
         # it (same shape and device), and no activation moment is read.
         g = ops.cast(gradient, "float32")
         probe = moments_class()(g, g)
-        if moments:
-            parts.append(probe.row(moments))
-        if self.bins:
-            parts.append(probe.histogram("g", self.bins))
-        return parts
+        return probe.row_and_histogram(moments, "g", self.bins)
 
     def _order(self, probes: int, weights: int) -> np.ndarray | None:
         """Where each output entry is in `combine`'s concatenation (None: same).
