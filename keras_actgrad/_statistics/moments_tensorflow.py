@@ -81,6 +81,11 @@ def _finite_histogram(tensor: Any, bins: int, bounds: Any = None) -> Any:
     else:
         low = tf.reduce_min(tf.stack([tf.reduce_min(b) for b in blocks]))
         high = tf.reduce_max(tf.stack([tf.reduce_max(b) for b in blocks]))
+    return _blocks_histogram(blocks, low, high, bins)
+
+
+def _blocks_histogram(blocks: list[Any], low: Any, high: Any, bins: int) -> Any:
+    """`histogram`'s layout for finite row blocks in the range [low, high]."""
     # All entries equal: any wider range puts them in the first bin (one
     # that stays wider than 0 in float32 when |low| is large).
     top = tf.where(high > low, high, low + tf.maximum(tf.abs(low), 1.0))
@@ -245,10 +250,10 @@ class TensorFlowMoments(Moments):
         reduced = (
             _FiniteBlocks(blocks, []) if which == "a" else _FiniteBlocks([], blocks)
         )
-        low = reduced._max([tf.reduce_min(b) for b in blocks], tf.reduce_min)
-        high = reduced._max([tf.reduce_max(b) for b in blocks])
+        low = reduced.combine([tf.reduce_min(b) for b in blocks], tf.reduce_min)
+        high = reduced.combine([tf.reduce_max(b) for b in blocks], tf.reduce_max)
         if which == "g":
-            reduced._cache["g_abs_max"] = tf.maximum(-low, high)
+            reduced.provide("g_abs_max", tf.maximum(-low, high))
         fast = [tf.stack([reduced.moment(name) for name in moments])] if moments else []
         # A sum is finite only if every entry is (or it overflows, which
         # only costs the exact path): the one the row needs, if any.
@@ -262,15 +267,7 @@ class TensorFlowMoments(Moments):
         finite = tf.math.is_finite(reduced.moment(check))
 
         def finite_branch() -> Any:
-            top = tf.where(high > low, high, low + tf.maximum(tf.abs(low), 1.0))
-            value_range = tf.stack([low, top])
-            parts = [
-                tf.histogram_fixed_width(b, value_range, nbins=bins) for b in blocks
-            ]
-            counts = tf.add_n(parts) if len(parts) > 1 else parts[0]
-            histogram = tf.concat(
-                [tf.stack([low, high]), tf.cast(counts, tf.float32)], 0
-            )
+            histogram = _blocks_histogram(blocks, low, high, bins)
             return tf.concat([*fast, histogram], 0)
 
         def exact_branch() -> Any:
@@ -350,8 +347,13 @@ class _FiniteBlocks:
     def _sum(self, parts: list[Any]) -> Any:
         return tf.add_n(parts) if len(parts) > 1 else parts[0]
 
-    def _max(self, parts: list[Any], reduce: Any = tf.reduce_max) -> Any:
+    def combine(self, parts: list[Any], reduce: Any) -> Any:
+        """The blocks' partial results `parts` reduced by `reduce` (max, min)."""
         return reduce(tf.stack(parts)) if len(parts) > 1 else parts[0]
+
+    def provide(self, name: str, value: Any) -> None:
+        """Sets moment `name` to `value`, computed elsewhere (not recomputed)."""
+        self._cache[name] = tf.cast(value, tf.float32)
 
     def _abs_g(self) -> list[Any]:
         if "_abs_g" not in self._cache:
@@ -380,7 +382,9 @@ class _FiniteBlocks:
         if name == "g_abs_sum":
             return self._sum([tf.reduce_sum(b) for b in self._abs_g()])
         if name == "g_abs_max":
-            return self._max([tf.reduce_max(b) for b in self._abs_g()])
+            return self.combine(
+                [tf.reduce_max(b) for b in self._abs_g()], tf.reduce_max
+            )
         if name == "g_nonzero":
             return self._sum([tf.reduce_sum(tf.sign(b)) for b in self._abs_g()])
         if name == "g_nonfinite":
