@@ -6,6 +6,12 @@ exists on TensorFlow (a hand-split `tf.GradientTape`, `tf.distribute`) is
 marked `@pytest.mark.requires_tensorflow(reason=...)` and skipped on the
 other backends with that reason.
 
+A test whose subject does not depend on the backend (a `tensorboard`
+server reading event files, an example script's output) but which costs
+minutes is marked `@pytest.mark.one_backend("jax", reason=...)`: it runs
+in that backend's suite only, so the whole suite stays within CI's time.
+Spread such tests over the backends, so that each still runs some.
+
 The `tensorboard_server` fixture starts a real `tensorboard` server on a log
 directory, for tests that check what TensorBoard's own UI would show.
 """
@@ -32,12 +38,26 @@ def pytest_configure(config: pytest.Config) -> None:
         "requires_tensorflow(reason): the test needs the TensorFlow backend; "
         "skipped with `reason` on the others",
     )
+    config.addinivalue_line(
+        "markers",
+        "one_backend(backend, reason): a costly test that does not depend on "
+        "the backend; runs in `backend`'s suite only",
+    )
 
 
 def pytest_collection_modifyitems(
     config: pytest.Config, items: list[pytest.Item]
 ) -> None:
     backend = keras.backend.backend()
+    for item in items:
+        once = item.get_closest_marker("one_backend")
+        if once is not None and once.args[0] != backend:
+            item.add_marker(
+                pytest.mark.skip(
+                    reason=f"runs once, in the {once.args[0]} suite "
+                    f"({once.kwargs.get('reason', 'the backend does not matter')})"
+                )
+            )
     if backend == "tensorflow":
         return
     for item in items:
@@ -87,7 +107,7 @@ class TensorBoardServer:
             return bytes(response.read())
 
     def wait_for_json(
-        self, path: str, done: Callable[[Any], bool], default: Any, timeout: float = 90
+        self, path: str, done: Callable[[Any], bool], default: Any, timeout: float = 240
     ) -> Any:
         """Polls the JSON at `path` until `done(value)` or `timeout` seconds.
 

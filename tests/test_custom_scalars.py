@@ -10,6 +10,7 @@ import re  # noqa: E402
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import (  # noqa: E402
     EventAccumulator,
 )
@@ -75,6 +76,7 @@ def test_chart_regexes_match_exactly_their_probes():
     assert len(matched) == len(probes)
 
 
+@pytest.mark.one_backend("torch", reason="a tensorboard server")
 def test_callback_writes_the_layout(tmp_path, tensorboard_server):
     keras.utils.set_random_seed(0)
     inputs = keras.Input((4,))

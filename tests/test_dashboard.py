@@ -34,7 +34,12 @@ import keras_actgrad  # noqa: E402
 from keras_actgrad import ActivationGradientCallback  # noqa: E402
 
 # The deep sigmoid stacks below vanish on purpose: the alerts are the subject.
-pytestmark = pytest.mark.filterwarnings("ignore:Vanishing gradient:UserWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Vanishing gradient:UserWarning"),
+    # The plugin reads event files; the callback writes them the same on
+    # every backend (test_tensorboard.py, test_callback.py).
+    pytest.mark.one_backend("torch", reason="a tensorboard server and Chromium"),
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 ENTRY_POINT = "actgrad = tensorboard_plugin_actgrad:ActgradLoader"

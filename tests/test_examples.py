@@ -14,6 +14,12 @@ import keras_actgrad
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def example_on(backend):
+    """Each example (a fresh process, minutes) runs in one backend's suite;
+    the library under it is tested on every backend elsewhere."""
+    return pytest.mark.one_backend(backend, reason="an example script's run")
+
+
 def run_example(name, cwd, *args):
     env = dict(
         os.environ,
@@ -47,6 +53,7 @@ def table_rows(text, title_start):
     return rows
 
 
+@example_on("jax")
 def test_quickstart(tmp_path):
     out = run_example("quickstart", tmp_path, "--png", "heat.png")
     rows = table_rows(out, "grad_norm per probe")
@@ -73,6 +80,7 @@ def test_quickstart(tmp_path):
     assert float(logged) == pytest.approx(norms[0] / norms[-1], rel=1e-3)
 
 
+@example_on("torch")
 def test_vanishing_gradients(tmp_path):
     out = run_example("vanishing_gradients", tmp_path)
     sigmoid, relu = out.split("== deep_relu_batchnorm")
@@ -93,6 +101,7 @@ def test_vanishing_gradients(tmp_path):
     assert first / last > 1e-2
 
 
+@example_on("tensorflow")
 def test_functional_resnet(tmp_path):
     out = run_example("functional_resnet", tmp_path)
     probes = ["stem_probe"] + [
@@ -102,6 +111,7 @@ def test_functional_resnet(tmp_path):
     assert list(table_rows(out, "grad_norm per probe")) == probes
 
 
+@example_on("torch")
 def test_subclassed_model(tmp_path):
     out = run_example("subclassed_model", tmp_path)
     assert list(table_rows(out, "grad_norm per probe")) == [
@@ -130,6 +140,7 @@ def test_every_example_has_a_test():
     assert [name for name in names if f"def test_{name}(" not in source] == []
 
 
+@example_on("tensorflow")
 def test_kerashub_transformer(tmp_path):
     import pytest
 

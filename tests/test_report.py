@@ -467,6 +467,7 @@ def test_failed_profile_image_warns_and_keeps_scalars(tmp_path, monkeypatch):
     assert report.epochs == [0, 1]
 
 
+@pytest.mark.one_backend("torch", reason="a tensorboard server")
 def test_tensorboard_server_shows_the_profile_image(tmp_path, tensorboard_server):
     import io
     import urllib.parse

@@ -220,6 +220,7 @@ def test_full_disk_warns_once_and_training_continues(tmp_path):
     assert steps == [0]
 
 
+@pytest.mark.one_backend("torch", reason="a tensorboard server")
 def test_tensorboard_server_lists_our_tags(tmp_path, tensorboard_server):
     model, x, y = model_and_data()
     callback = ActivationGradientCallback((x, y), log_dir=str(tmp_path))
