@@ -468,7 +468,9 @@ def unpack(
         grad_norms = np.sqrt(grad_sq)
         update_norms = np.sqrt(update_sq)
         ratios = update_norms / np.sqrt(weight_sq)
-        global_norm = float(np.sqrt(np.sum(grad_sq))) if n else math.nan
+        global_norm = (
+            global_grad_norm(grad_sq, layout.weight_has_gradient) if n else math.nan
+        )
     return {
         "kind": "step",
         "epoch": epoch,
@@ -481,6 +483,18 @@ def unpack(
         "global_grad_norm": global_norm,
         "spike": spike,
     }
+
+
+def global_grad_norm(grad_sq: np.ndarray, has_gradient: Sequence[bool]) -> float:
+    """The global gradient norm: over the gradients that exist.
+
+    The variables without a gradient (NaN in `grad_sq`, known at trace
+    time: `Layout.weight_has_gradient`) are left out, as the optimizer
+    skips them; a non-finite gradient that exists makes it non-finite. The
+    spike decision on the device uses the same sum (`_Trace.global_sq_norm`).
+    """
+    present = np.asarray(has_gradient, bool)
+    return float(np.sqrt(np.sum(grad_sq[present], dtype=np.float64)))
 
 
 def _check_model(model: keras.Model, probes: bool = True) -> None:
