@@ -75,6 +75,18 @@ class GradientMonitor(keras.callbacks.Callback):
     (everything the optimizer did: learning rate, momentum, weight decay,
     clipping), and ||Δw|| / ||w|| (w before the update).
 
+    A trainable variable that gets no gradient (its output reaches no loss,
+    e.g. an output without a loss, or only through `stop_gradient`) has a
+    NaN gradient norm on every backend (on JAX, which differentiates it to
+    zeros, the monitor tells it apart from a zero gradient), and the global
+    gradient norm (`global_grad_norm`, and the one spike detection reads)
+    is the norm of the gradients that exist, the ones the optimizer uses.
+    A gradient that exists but holds a NaN or Inf makes it non-finite; such
+    a step is no spike (the non-finite alert reports it). The update norm of
+    a variable without a gradient is the update the optimizer really made:
+    0 (Keras skips it on TensorFlow and PyTorch; on JAX it applies a zero
+    gradient, which an optimizer's weight decay or momentum may still move).
+
     Distribution: under `tf.distribute.MirroredStrategy` (TensorFlow) and
     `keras.distribution.DataParallel` or `ModelParallel` (JAX, one process)
     the values are those of the global batch, equal to one device's: each
@@ -102,8 +114,9 @@ class GradientMonitor(keras.callbacks.Callback):
             update-ratio norms. Defaults to `True`.
         histograms_every_n_steps: Also compute gradient and activation
             histograms every N steps (`None`: never). Defaults to `None`.
-        spike_factor: When the global gradient norm exceeds this factor
-            times its running median (last 50 monitored steps), record that
+        spike_factor: When the (finite) global gradient norm exceeds this
+            factor times its running median (last 50 monitored steps, once 5
+            are known), record that
             step in full (every statistic and histogram, computed on the
             device only on such a step) and warn once per spike, naming the
             step and the probe with the largest gradient. `None`: off.
