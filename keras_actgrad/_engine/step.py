@@ -19,8 +19,9 @@ wrapper returned by `function` pops before Keras sees the logs.
 Spikes: with a `threshold` (the callback's running median of the global
 gradient norm times `spike_factor`), a monitored step also computes every
 statistic and histogram of every probe, under a device-side condition
-`global gradient norm > threshold`, from the tensors its backward pass
-recorded.
+`global gradient norm > threshold` (a finite norm, over the gradients that
+exist: `_Trace.global_sq_norm`, the host's `global_grad_norm`), from the
+tensors its backward pass recorded.
 """
 
 from __future__ import annotations
