@@ -116,10 +116,10 @@ class GradientMonitor(keras.callbacks.Callback):
             histograms every N steps (`None`: never). Defaults to `None`.
         spike_factor: When the (finite) global gradient norm exceeds this
             factor times its running median (last 50 monitored steps, once 5
-            are known), record that
-            step in full (every statistic and histogram, computed on the
-            device only on such a step) and warn once per spike, naming the
-            step and the probe with the largest gradient. `None`: off.
+            are known), record that step in full (every statistic and
+            histogram, computed on the device only on such a step) and warn
+            once per spike, naming the step and the probe with the largest
+            gradient. `None`: off.
         log_dir: TensorBoard log directory, or `None`. Defaults to `None`.
         on_nonfinite: `"warn"`, `"raise"` or `"stop"`, as in
             `ActivationGradientCallback`. Defaults to `"warn"`.
