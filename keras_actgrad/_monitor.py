@@ -75,6 +75,18 @@ class GradientMonitor(keras.callbacks.Callback):
     (everything the optimizer did: learning rate, momentum, weight decay,
     clipping), and ||Δw|| / ||w|| (w before the update).
 
+    A trainable variable that gets no gradient (its output reaches no loss,
+    e.g. an output without a loss, or only through `stop_gradient`) has a
+    NaN gradient norm on every backend (on JAX, which differentiates it to
+    zeros, the monitor tells it apart from a zero gradient), and the global
+    gradient norm (`global_grad_norm`, and the one spike detection reads)
+    is the norm of the gradients that exist, the ones the optimizer uses.
+    A gradient that exists but holds a NaN or Inf makes it non-finite; such
+    a step is no spike (the non-finite alert reports it). The update norm of
+    a variable without a gradient is the update the optimizer really made:
+    0 (Keras skips it on TensorFlow and PyTorch; on JAX it applies a zero
+    gradient, which an optimizer's weight decay or momentum may still move).
+
     Distribution: under `tf.distribute.MirroredStrategy` (TensorFlow) and
     `keras.distribution.DataParallel` or `ModelParallel` (JAX, one process)
     the values are those of the global batch, equal to one device's: each
@@ -102,11 +114,12 @@ class GradientMonitor(keras.callbacks.Callback):
             update-ratio norms. Defaults to `True`.
         histograms_every_n_steps: Also compute gradient and activation
             histograms every N steps (`None`: never). Defaults to `None`.
-        spike_factor: When the global gradient norm exceeds this factor
-            times its running median (last 50 monitored steps), record that
-            step in full (every statistic and histogram, computed on the
-            device only on such a step) and warn once per spike, naming the
-            step and the probe with the largest gradient. `None`: off.
+        spike_factor: When the (finite) global gradient norm exceeds this
+            factor times its running median (last 50 monitored steps, once 5
+            are known), record that step in full (every statistic and
+            histogram, computed on the device only on such a step) and warn
+            once per spike, naming the step and the probe with the largest
+            gradient. `None`: off.
         log_dir: TensorBoard log directory, or `None`. Defaults to `None`.
         on_nonfinite: `"warn"`, `"raise"` or `"stop"`, as in
             `ActivationGradientCallback`. Defaults to `"warn"`.
@@ -468,7 +481,9 @@ def unpack(
         grad_norms = np.sqrt(grad_sq)
         update_norms = np.sqrt(update_sq)
         ratios = update_norms / np.sqrt(weight_sq)
-        global_norm = float(np.sqrt(np.sum(grad_sq))) if n else math.nan
+        global_norm = (
+            global_grad_norm(grad_sq, layout.weight_has_gradient) if n else math.nan
+        )
     return {
         "kind": "step",
         "epoch": epoch,
@@ -481,6 +496,18 @@ def unpack(
         "global_grad_norm": global_norm,
         "spike": spike,
     }
+
+
+def global_grad_norm(grad_sq: np.ndarray, has_gradient: Sequence[bool]) -> float:
+    """The global gradient norm: over the gradients that exist.
+
+    The variables without a gradient (NaN in `grad_sq`, known at trace
+    time: `Layout.weight_has_gradient`) are left out, as the optimizer
+    skips them; a non-finite gradient that exists makes it non-finite. The
+    spike decision on the device uses the same sum (`_Trace.global_sq_norm`).
+    """
+    present = np.asarray(has_gradient, bool)
+    return float(np.sqrt(np.sum(grad_sq[present], dtype=np.float64)))
 
 
 def _check_model(model: keras.Model, probes: bool = True) -> None:

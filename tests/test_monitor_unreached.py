@@ -28,14 +28,26 @@ Y = (np.arange(N) % 3).astype("int32")
 Y_SIDE = np.zeros((N, 1), "float32")
 BINS = 7
 ACTIVATION_STATISTICS = [s for s in STATISTICS if s not in GRADIENT_STATISTICS]
+# The trainable variables of `_models()` no gradient reaches (the side
+# output has no loss, the cut branch is behind `stop_gradient`).
+NO_GRADIENT = {
+    f"{layer}/{name}"
+    for layer, names in {
+        "side_dense": ("kernel", "bias"),
+        "side_bn": ("gamma", "beta"),
+        "side_out": ("kernel", "bias"),
+        "cut_dense": ("kernel", "bias"),
+    }.items()
+    for name in names
+}
 
 
 def _models(weights: bool = True) -> tuple[keras.Model, keras.Model]:
     """The model, and a sub-model giving the probes' inputs (shared layers).
 
     `weights=False`: the unreached branches have no weights (every weight
-    then has a gradient, which spike detection needs on TensorFlow and
-    PyTorch: a missing weight gradient makes the global norm NaN).
+    then has a gradient); `weights=True`: the weights of `NO_GRADIENT` get
+    none.
     """
     keras.utils.set_random_seed(2)
     inputs = keras.Input((D,), name="x")
@@ -246,3 +258,161 @@ def test_training_is_bit_identical_with_unreached_probes() -> None:
         runs.append(_state(model))
     for a, b in zip(*runs, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def _reference_weight_gradients(
+    twin: keras.Model, x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray
+) -> dict[str, np.ndarray | None]:
+    """d loss / d weights of the compiled loss, by hand (None: no gradient).
+
+    A `tf.GradientTape`, `jax.grad` (zeros where no gradient reaches: JAX
+    has no None) or `torch.autograd.grad(allow_unused=True)`, on `twin`
+    in training mode; the loss is the compiled one, the sample-weighted
+    mean of the logits' cross-entropy.
+    """
+    backend = keras.backend.backend()
+    variables = list(twin.trainable_variables)
+    paths = [v.path for v in variables]
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def loss_of(logits):
+        return loss_fn(y, logits, sample_weight=sample_weight)
+
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            loss = loss_of(twin(x, training=True)["logits"])
+        grads = tape.gradient(loss, variables)
+        values = [None if g is None else g.numpy() for g in grads]
+    elif backend == "jax":
+        import jax
+
+        def jax_loss(values):
+            mapping = list(zip(variables, values, strict=True)) + [
+                (v, v.value) for v in twin.non_trainable_variables
+            ]
+            with keras.StatelessScope(state_mapping=mapping):
+                return loss_of(twin(x, training=True)["logits"])
+
+        grads = jax.grad(jax_loss)([v.value for v in variables])
+        values = [np.asarray(g) for g in grads]
+    else:
+        import torch
+
+        loss = loss_of(twin(x, training=True)["logits"])
+        grads = torch.autograd.grad(
+            loss, [v.value for v in variables], allow_unused=True
+        )
+        values = [None if g is None else g.detach().numpy() for g in grads]
+    return dict(zip(paths, values, strict=True))
+
+
+def test_global_grad_norm_is_over_the_gradients_that_exist() -> None:
+    # Weights no gradient reaches: NaN gradient norm on every backend (JAX
+    # differentiates them to zeros, the monitor tells them apart), no
+    # update; the global norm is the norm of the gradients that exist.
+    model, _ = _models()
+    twin, _ = _models()
+    paths = [v.path for v in model.trainable_variables]
+    assert NO_GRADIENT < set(paths)
+    sample_weight = np.linspace(0.5, 2.0, N).astype("float32")
+    for step in range(N // BATCH):
+        batch = slice(step * BATCH, (step + 1) * BATCH)
+        twin.set_weights(model.get_weights())
+        before = {
+            v.path: np.array(keras.ops.convert_to_numpy(v.value))
+            for v in model.trainable_variables
+        }
+        grads = _reference_weight_gradients(
+            twin, X[batch], Y[batch], sample_weight[batch]
+        )
+        if keras.backend.backend() != "jax":
+            assert {p for p, g in grads.items() if g is None} == NO_GRADIENT
+        monitor = GradientMonitor()
+        _fit(
+            model,
+            X[batch],
+            Y[batch],
+            Y_SIDE[batch],
+            monitor,
+            sample_weight=sample_weight[batch],
+        )
+        (event,) = monitor.events
+        squares = []
+        for path in paths:
+            got = event["weight_grad_norms"][path]
+            if path in NO_GRADIENT:
+                assert np.isnan(got), path
+                assert event["update_norms"][path] == 0.0, path
+                after = keras.ops.convert_to_numpy(
+                    model.trainable_variables[paths.index(path)].value
+                )
+                np.testing.assert_array_equal(after, before[path])
+                continue
+            g = grads[path].astype(np.float64)
+            squares.append(np.sum(g * g))
+            np.testing.assert_allclose(got, np.sqrt(squares[-1]), rtol=1e-5)
+            assert event["update_norms"][path] > 0, path
+        expected = float(np.sqrt(np.sum(squares)))
+        assert np.isfinite(event["global_grad_norm"])
+        np.testing.assert_allclose(event["global_grad_norm"], expected, rtol=1e-5)
+
+
+def test_a_spike_is_caught_with_gradient_free_weights() -> None:
+    # As tests/test_monitor.py's constructed spike, on a model whose
+    # `NO_GRADIENT` weights get no gradient: the running median is armed.
+    model, _ = _models()
+    x, y = np.concatenate([X] * 3), np.concatenate([Y] * 3)
+    y_side = np.zeros((len(x), 1), "float32")
+    sample_weight = np.ones(len(x), "float32")
+    sample_weight[-BATCH:] = 1000.0  # the last step: 1000 times the loss
+    monitor = GradientMonitor(spike_factor=5.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(
+            x,
+            {"logits": y, "side_out": y_side},
+            sample_weight=sample_weight,
+            batch_size=BATCH,
+            epochs=1,
+            shuffle=False,
+            verbose=0,
+            callbacks=[monitor],
+        )
+    steps = len(x) // BATCH
+    messages = [str(w.message) for w in caught if "spike" in str(w.message)]
+    assert [e["step"] for e in monitor.events if e["spike"]] == [steps]
+    assert len(messages) == 1 and f"training step {steps}" in messages[0]
+    norms = [e["global_grad_norm"] for e in monitor.events]
+    assert all(np.isfinite(norms))
+    assert norms[-1] > 5.0 * np.median(norms[:-1])
+    last = monitor.events[-1]
+    assert all(len(v) == len(STATISTICS) for v in last["statistics"].values())
+    assert all(np.isnan(last["weight_grad_norms"][p]) for p in NO_GRADIENT)
+
+
+def test_a_nonfinite_gradient_still_makes_the_global_norm_nonfinite() -> None:
+    # A gradient that exists but is not finite (an infinite sample weight
+    # in the last batch) is not a missing one: the global norm is not
+    # finite, the non-finite alert fires, and the step is no spike.
+    model, _ = _models()
+    sample_weight = np.ones(N, "float32")
+    sample_weight[-1] = np.inf
+    # (The alert reads the `nonfinite` statistic of the event.)
+    monitor = GradientMonitor(statistics=("grad_norm", "nonfinite"), spike_factor=5.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(
+            X,
+            {"logits": Y, "side_out": Y_SIDE},
+            sample_weight=sample_weight,
+            batch_size=BATCH,
+            shuffle=False,
+            verbose=0,
+            callbacks=[monitor],
+        )
+    norms = [e["global_grad_norm"] for e in monitor.events]
+    assert all(np.isfinite(norms[:-1])) and not np.isfinite(norms[-1])
+    assert not any(e["spike"] for e in monitor.events)
+    assert any("Non-finite gradients" in str(w.message) for w in caught)

@@ -19,8 +19,9 @@ wrapper returned by `function` pops before Keras sees the logs.
 Spikes: with a `threshold` (the callback's running median of the global
 gradient norm times `spike_factor`), a monitored step also computes every
 statistic and histogram of every probe, under a device-side condition
-`global gradient norm > threshold`, from the tensors its backward pass
-recorded.
+`global gradient norm > threshold` (a finite norm, over the gradients that
+exist: `_Trace.global_sq_norm`, the host's `global_grad_norm`), from the
+tensors its backward pass recorded.
 """
 
 from __future__ import annotations
@@ -126,6 +127,11 @@ class _Trace:
         self.rows: dict[str, Tensor] = {}
         self.stash: dict[str, tuple[Tensor, Tensor]] = {}
         self.weights: Tensor | None = None
+        # Per trainable variable, whether it has a gradient (trace time).
+        self.has_gradient: list[bool] = []
+        # JAX: the indices of the trainable variables a gradient reached,
+        # marked by their taps' backward functions (`None`: not tapped).
+        self.reached: set[int] | None = None
         self.full: Tensor | None = None
         self.spike: Tensor | None = None
         self._calls: dict[str, int] = {}
@@ -189,21 +195,53 @@ class _Trace:
         new: list[Tensor],
         scale: Any,
     ) -> None:
-        """Weight-gradient norms (unscaled), update norms, weight norms."""
+        """Weight-gradient norms (unscaled), update norms, weight norms.
+
+        A variable without a gradient (None: TensorFlow, PyTorch; on JAX,
+        whose `grad` gives zeros, a variable whose tap no gradient reached)
+        is known here, at trace time: its squared gradient norm is NaN and
+        it is left out of the global norm (`global_sq_norm`).
+        """
+        if self.reached is not None:
+            reached = self.reached
+            grads = [g if i in reached else None for i, g in enumerate(grads)]
         # Under tf.distribute: summed over the replicas, as the optimizer does.
         grads = self._replicas.sum(grads)
         self.weight_paths = list(paths)
+        self.has_gradient = [g is not None for g in grads]
         self.weights = self._probe_class.weight_squares(grads, old, new, scale)
+
+    def global_sq_norm(self) -> Tensor:
+        """The squared global gradient norm: over the gradients that exist.
+
+        The variables without a gradient (known at trace time) are left
+        out, as the optimizer skips them; a non-finite gradient that exists
+        makes it non-finite. The host's `global_grad_norm` is the same sum
+        (`unpack`).
+        """
+        ops = keras.ops
+        if self.weights is None:
+            raise RuntimeError("Internal error: no weight gradients observed.")
+        grad_sq = self.weights[0]
+        present = [i for i, has in enumerate(self.has_gradient) if has]
+        if len(present) == len(self.has_gradient):
+            return ops.sum(grad_sq)
+        if not present:
+            return ops.zeros((), "float32")
+        return ops.sum(ops.take(grad_sq, ops.convert_to_tensor(present, "int32")))
 
     def record_spike(self, threshold: Tensor) -> None:
         """The full record, computed on the device only on a spike."""
         ops = keras.ops
         if self.weights is None:
             return
-        grad_sq = self.weights[0]
-        finite = ops.where(ops.isfinite(grad_sq), grad_sq, 0.0)
-        global_norm = ops.sqrt(ops.sum(finite))
-        spike = ops.greater(global_norm, ops.cast(threshold, "float32"))
+        global_norm = ops.sqrt(self.global_sq_norm())
+        # As on the host (`GradientMonitor._finish_event`): a step whose
+        # global norm is not finite is no spike (the non-finite alert's).
+        spike = ops.logical_and(
+            ops.isfinite(global_norm),
+            ops.greater(global_norm, ops.cast(threshold, "float32")),
+        )
         for name, activation in self._unreached().items():
             self.stash[name] = (activation, None)
         names = sorted(self.stash)
@@ -258,6 +296,7 @@ class _Trace:
             probes=names,
             weights=weights,
             weight_paths=list(getattr(self, "weight_paths", [])),
+            weight_has_gradient=list(self.has_gradient),
             spike=self.full is not None,
             full_probes=full_names,
         )
@@ -273,15 +312,17 @@ class Layout:
     `probes` rows (sorted names, `StepConfig.row_size()` each), then with
     `weights` > 0 three rows of that many values (squared norms of the
     unscaled gradients, of the updates and of the weights before the
-    update, in `model.trainable_variables` order), then with `spike` the
-    full rows of `full_probes` (`StepConfig.full_row_size()` each) and a
-    last value, 1.0 on a spike step.
+    update, in `model.trainable_variables` order; NaN gradient norm for a
+    variable without a gradient, `weight_has_gradient` False), then with
+    `spike` the full rows of `full_probes` (`StepConfig.full_row_size()`
+    each) and a last value, 1.0 on a spike step.
     """
 
     order: list[str]
     probes: list[str]
     weights: int
     weight_paths: list[str]
+    weight_has_gradient: list[bool]
     spike: bool
     full_probes: list[str]
 
@@ -410,6 +451,35 @@ class MonitoredStep:
             patched["stateless_apply"] = stateless_apply
         for name, function in patched.items():
             object.__setattr__(optimizer, name, function)
+        tapped_model = False
+        if observe and backend.stateless:
+            # `jax.grad` gives zeros for a variable no gradient reaches: an
+            # identity on each trainable variable, inside the function Keras
+            # differentiates, marks the ones reached (its backward function
+            # is not called for the others), so that they are told apart
+            # from a zero gradient as TensorFlow's None tells them.
+            reached: set[int] = set()
+            trace.reached = reached
+            original_loss = model.compute_loss_and_updates
+
+            def compute_loss_and_updates(
+                trainable_variables: Any, *args: Any, **kwargs: Any
+            ) -> Any:
+                reached.clear()
+
+                def mark(index: int) -> Callable[[Tensor, Tensor], None]:
+                    return lambda _a, _g: reached.add(index)
+
+                tapped = [
+                    backend.identity(v, mark(i), lambda _a: None)
+                    for i, v in enumerate(trainable_variables)
+                ]
+                return original_loss(tapped, *args, **kwargs)
+
+            object.__setattr__(
+                model, "compute_loss_and_updates", compute_loss_and_updates
+            )
+            tapped_model = True
         try:
             if self.sites:
                 with tapping_layers(self.sites, trace.tap):
@@ -420,6 +490,8 @@ class MonitoredStep:
         finally:
             for name in patched:
                 optimizer.__dict__.pop(name, None)
+            if tapped_model:
+                model.__dict__.pop("compute_loss_and_updates", None)
 
     def _threshold_value(self) -> Tensor:
         return self._threshold_variable.value
