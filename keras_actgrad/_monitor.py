@@ -363,7 +363,9 @@ class GradientMonitor(keras.callbacks.Callback):
             self._writer.write(
                 "step", event["step"], reduced, names, self.probe_order, scalars
             )
-        self._alert(event)
+        # On what the step computed (`nonfinite` and `grad_norm` always),
+        # not only the statistics the event reports.
+        self._alert(event["step"], statistics)
 
     # Alerts.
 
@@ -391,12 +393,9 @@ class GradientMonitor(keras.callbacks.Callback):
             stacklevel=2,
         )
 
-    def _alert(self, event: dict[str, Any]) -> None:
+    def _alert(self, step: int, statistics: dict[str, dict[str, float]]) -> None:
         self._alerts.check(
-            self._fit_model,
-            f"at training step {event['step']}",
-            self.probe_order,
-            event["statistics"],
+            self._fit_model, f"at training step {step}", self.probe_order, statistics
         )
 
     # In-memory results.

@@ -399,8 +399,9 @@ def test_a_nonfinite_gradient_still_makes_the_global_norm_nonfinite() -> None:
     model, _ = _models()
     sample_weight = np.ones(N, "float32")
     sample_weight[-1] = np.inf
-    # (The alert reads the `nonfinite` statistic of the event.)
-    monitor = GradientMonitor(statistics=("grad_norm", "nonfinite"), spike_factor=5.0)
+    # The default statistics (grad_norm): the alert reads the `nonfinite`
+    # count the step computes anyway, not only the reported statistics.
+    monitor = GradientMonitor(spike_factor=5.0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model.fit(
@@ -415,4 +416,22 @@ def test_a_nonfinite_gradient_still_makes_the_global_norm_nonfinite() -> None:
     norms = [e["global_grad_norm"] for e in monitor.events]
     assert all(np.isfinite(norms[:-1])) and not np.isfinite(norms[-1])
     assert not any(e["spike"] for e in monitor.events)
-    assert any("Non-finite gradients" in str(w.message) for w in caught)
+    last = monitor.events[-1]["step"]
+    alerts = [str(w.message) for w in caught]
+    alerts = [text for text in alerts if "Non-finite gradients" in text]
+    assert len(alerts) == 1 and f"at training step {last} " in alerts[0]
+    assert all(
+        list(row) == ["grad_norm"] for row in monitor.events[-1]["statistics"].values()
+    )
+    # on_nonfinite="raise": the same step raises.
+    model, _ = _models()
+    with pytest.raises(FloatingPointError, match=f"at training step {last} "):
+        model.fit(
+            X,
+            {"logits": Y, "side_out": Y_SIDE},
+            sample_weight=sample_weight,
+            batch_size=BATCH,
+            shuffle=False,
+            verbose=0,
+            callbacks=[GradientMonitor(on_nonfinite="raise")],
+        )
