@@ -407,6 +407,153 @@ def test_sample_weights():
     )
 
 
+# A multi-output model whose `aux` output has no loss (`backend_cases.multi_io`).
+
+
+def _relu(t):
+    return np.maximum(t, 0.0)
+
+
+def _sigmoid(t):
+    return 1.0 / (1.0 + np.exp(-t))
+
+
+def multi_io_reference(model, x, y):
+    """`{probe: (activation, gradient)}` of `multi_io`, by hand in float64.
+
+    The compiled loss is mse(out1) + 0.5 * binary_crossentropy(out2), each a
+    mean over the batch (and mse over out1's 2 columns); `aux` has no loss,
+    so its probe has no gradient (None).
+    """
+    weights = {
+        name: [np.asarray(w, "float64") for w in model.get_layer(name).get_weights()]
+        for name in ("mimo_da", "mimo_db", "mimo_dense", "out1", "out2")
+        + ("mimo_aux_dense",)
+    }
+
+    def dense(name, h):
+        kernel, bias = weights[name]
+        return h @ kernel + bias
+
+    a, b = np.asarray(x["a"], "float64"), np.asarray(x["b"], "float64")
+    ha, hb = _relu(dense("mimo_da", a)), _relu(dense("mimo_db", b))
+    h = _sigmoid(dense("mimo_dense", np.concatenate([ha, hb], axis=1)))
+    out1, out2 = dense("out1", h), _sigmoid(dense("out2", h))
+    # d loss / d out1, and d loss / d (out2's logit): (p - y) through the sigmoid.
+    d_out1 = 2.0 * (out1 - y["out1"]) / out1.size
+    d_logit2 = 0.5 * (out2 - y["out2"]) / len(out2)
+    d_h = d_out1 @ weights["out1"][0].T + d_logit2 @ weights["out2"][0].T
+    d_joined = (d_h * h * (1.0 - h)) @ weights["mimo_dense"][0].T
+    units = ha.shape[1]
+    return {
+        "mimo_shared": (ha, d_joined[:, :units]),
+        "mimo_shared@1": (hb, d_joined[:, units:]),
+        "mimo_h": (h, d_h),
+        "mimo_aux_probe": (_relu(dense("mimo_aux_dense", a)), None),
+    }
+
+
+def reference_statistics(activation, gradient):
+    """The README's statistics of one probe, in NumPy (NaN: no gradient)."""
+    out = {
+        "act_mean": activation.mean(),
+        "act_std": activation.std(),
+        "act_zero_fraction": np.mean(activation == 0),
+        "dead_unit_fraction": np.mean(np.all(activation == 0, axis=0)),
+    }
+    names = ("grad_norm", "grad_mean_abs", "grad_std", "grad_max_abs")
+    names += ("grad_zero_fraction", "sample_grad_norm_mean")
+    names += ("sample_grad_norm_max", "nonfinite")
+    if gradient is None:
+        return {**out, **dict.fromkeys(names, math.nan)}
+    per_example = np.sqrt(np.sum(gradient**2, axis=1))
+    values = (
+        np.sqrt(np.sum(gradient**2)),
+        np.abs(gradient).mean(),
+        gradient.std(),
+        np.abs(gradient).max(),
+        np.mean(gradient == 0),
+        per_example.mean(),
+        per_example.max(),
+        np.sum(~np.isfinite(gradient)),
+    )
+    return {**out, **dict(zip(names, values, strict=True))}
+
+
+def test_multi_output_model_with_an_output_without_loss():
+    # Regression (JAX): a probe pass run before the compiled loss was built
+    # (here `activation_gradients` before `fit`) built its per-output loss
+    # trackers inside the traced pass, with leaked tracers for values; the
+    # callback's pass then failed on its second run ("Execution supplied 13
+    # arguments but compiled program expected 20").
+    from tests.backend_cases import multi_io
+
+    keras.utils.set_random_seed(0)
+    model = multi_io()
+    rng = np.random.default_rng(0)
+    x = {
+        "a": rng.normal(size=(16, 5)).astype("float32"),
+        "b": rng.normal(size=(16, 3)).astype("float32"),
+    }
+    y = {
+        "out1": rng.normal(size=(16, 2)).astype("float32"),
+        "out2": rng.integers(0, 2, (16, 1)).astype("float32"),
+    }
+    before = keras_actgrad.activation_gradients(model, x, y)
+    assert before["mimo_aux_probe"].gradient is None
+    # The model's state is concrete, not left over from a trace.
+    for variable in model.variables + model.metrics_variables:
+        np.asarray(keras.ops.convert_to_numpy(variable.value))
+
+    callback = ActivationGradientCallback(
+        (x, y), histograms=False, log_statistics=["grad_norm", "act_mean"]
+    )
+    history = model.fit(x, y, epochs=3, batch_size=8, verbose=0, callbacks=[callback])
+    expected = multi_io_reference(model, x, y)
+    assert callback.probe_order == list(expected)
+    events = [e["statistics"] for e in callback.events if e["kind"] == "epoch"]
+    assert len(events) == 3
+    for probe, (activation, gradient) in expected.items():
+        reference = reference_statistics(activation, gradient)
+        assert set(events[-1][probe]) == set(reference)
+        for statistic, value in reference.items():
+            got = events[-1][probe][statistic]
+            if math.isnan(value):
+                assert math.isnan(got), (probe, statistic)
+            else:
+                assert got == pytest.approx(value, rel=1e-4, abs=1e-7), (
+                    probe,
+                    statistic,
+                )
+        # Training moved the weights with a gradient: each epoch's pass saw
+        # its own. `mimo_aux_dense` gets none, so `aux`'s activation stays.
+        first, last = events[0][probe], events[-1][probe]
+        if gradient is None:
+            assert first["act_mean"] == last["act_mean"]
+        else:
+            assert first["act_mean"] != last["act_mean"]
+            assert first["grad_norm"] != last["grad_norm"]
+    # The probe without a loss: NaN gradient statistics in `logs` too, as on
+    # every backend.
+    norms = history.history["actgrad/mimo_aux_probe/grad_norm"]
+    assert len(norms) == 3 and all(math.isnan(v) for v in norms)
+    assert all(
+        math.isfinite(v) for v in history.history["actgrad/mimo_aux_probe/act_mean"]
+    )
+    # A pass of another configuration after `fit` agrees with the reference.
+    after = keras_actgrad.activation_gradients(model, x, y)
+    assert list(after) == list(expected)
+    for probe, (activation, gradient) in expected.items():
+        np.testing.assert_allclose(after[probe].activation, activation, rtol=1e-5)
+        if gradient is None:
+            assert after[probe].gradient is None
+        else:
+            scale = float(np.abs(gradient).max())
+            np.testing.assert_allclose(
+                after[probe].gradient, gradient, rtol=1e-4, atol=1e-6 * scale
+            )
+
+
 # Keras callbacks reading our keys.
 
 

@@ -8,6 +8,9 @@ bypass it are not counted, as on TensorFlow. The pass is a pure function of
 (trainable values, non-trainable values, perturbations, data), run inside a
 `keras.StatelessScope` that maps every model variable to its value, and
 compiled with `jax.jit`, which retraces only for a new input signature.
+The compiled pass is called inside an outer `keras.StatelessScope`, so that
+variables the pass creates (a multi-output model's loss trackers) are
+initialized outside the trace (see `function` below).
 
 At trace time, a first abstract pass (`jax.eval_shape`) records the probes'
 shapes so the perturbations can be built. JAX returns zeros, not `None`, for
@@ -277,7 +280,7 @@ class JaxAdapter:
                 sync()
             trainable = [v.value for v in model.trainable_variables]
             non_trainable = [v.value for v in model.non_trainable_variables]
-            return jitted(
+            args = (
                 trainable,
                 non_trainable,
                 _distribute(x),
@@ -286,6 +289,17 @@ class JaxAdapter:
                 jnp.asarray(loss_scale(model), jnp.float32),
                 inputs,
             )
+            # Variables the pass creates (the loss trackers a multi-output
+            # model's `CompileLoss` builds on its first `compute_loss`) are
+            # initialized when the outermost `StatelessScope` exits. Inside
+            # the trace they would get tracers for values, which leak into
+            # the model and into later traces as constants (and JAX's
+            # dispatch fast path then calls the compiled pass with the wrong
+            # arguments). This scope, outside the trace, makes the pass's own
+            # scopes inner ones: the new variables are initialized here, on
+            # concrete values (TensorFlow does this with `tf.init_scope`).
+            with keras.StatelessScope():
+                return jitted(*args)
 
         return function
 
