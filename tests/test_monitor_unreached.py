@@ -141,9 +141,11 @@ def _fit(
     monitor,
     epochs=1,
     sample_weight=None,
-) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Adam: no gradient for the side weights
+) -> list[str]:
+    """`fit` in order; the texts of the warnings it gave (Adam's about the
+    weights without a gradient among them)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         model.fit(
             x,
             {"logits": y_logits, "side_out": y_side},
@@ -154,6 +156,7 @@ def _fit(
             verbose=0,
             callbacks=[] if monitor is None else [monitor],
         )
+    return [str(w.message) for w in caught]
 
 
 @pytest.mark.parametrize(
@@ -368,20 +371,9 @@ def test_a_spike_is_caught_with_gradient_free_weights() -> None:
     sample_weight = np.ones(len(x), "float32")
     sample_weight[-BATCH:] = 1000.0  # the last step: 1000 times the loss
     monitor = GradientMonitor(spike_factor=5.0)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model.fit(
-            x,
-            {"logits": y, "side_out": y_side},
-            sample_weight=sample_weight,
-            batch_size=BATCH,
-            epochs=1,
-            shuffle=False,
-            verbose=0,
-            callbacks=[monitor],
-        )
+    caught = _fit(model, x, y, y_side, monitor, sample_weight=sample_weight)
     steps = len(x) // BATCH
-    messages = [str(w.message) for w in caught if "spike" in str(w.message)]
+    messages = [text for text in caught if "spike" in text]
     assert [e["step"] for e in monitor.events if e["spike"]] == [steps]
     assert len(messages) == 1 and f"training step {steps}" in messages[0]
     norms = [e["global_grad_norm"] for e in monitor.events]
@@ -402,23 +394,12 @@ def test_a_nonfinite_gradient_still_makes_the_global_norm_nonfinite() -> None:
     # The default statistics (grad_norm): the alert reads the `nonfinite`
     # count the step computes anyway, not only the reported statistics.
     monitor = GradientMonitor(spike_factor=5.0)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model.fit(
-            X,
-            {"logits": Y, "side_out": Y_SIDE},
-            sample_weight=sample_weight,
-            batch_size=BATCH,
-            shuffle=False,
-            verbose=0,
-            callbacks=[monitor],
-        )
+    caught = _fit(model, X, Y, Y_SIDE, monitor, sample_weight=sample_weight)
     norms = [e["global_grad_norm"] for e in monitor.events]
     assert all(np.isfinite(norms[:-1])) and not np.isfinite(norms[-1])
     assert not any(e["spike"] for e in monitor.events)
     last = monitor.events[-1]["step"]
-    alerts = [str(w.message) for w in caught]
-    alerts = [text for text in alerts if "Non-finite gradients" in text]
+    alerts = [text for text in caught if "Non-finite gradients" in text]
     assert len(alerts) == 1 and f"at training step {last} " in alerts[0]
     assert all(
         list(row) == ["grad_norm"] for row in monitor.events[-1]["statistics"].values()
@@ -426,12 +407,5 @@ def test_a_nonfinite_gradient_still_makes_the_global_norm_nonfinite() -> None:
     # on_nonfinite="raise": the same step raises.
     model, _ = _models()
     with pytest.raises(FloatingPointError, match=f"at training step {last} "):
-        model.fit(
-            X,
-            {"logits": Y, "side_out": Y_SIDE},
-            sample_weight=sample_weight,
-            batch_size=BATCH,
-            shuffle=False,
-            verbose=0,
-            callbacks=[GradientMonitor(on_nonfinite="raise")],
-        )
+        raising = GradientMonitor(on_nonfinite="raise")
+        _fit(model, X, Y, Y_SIDE, raising, sample_weight=sample_weight)
