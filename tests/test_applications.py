@@ -11,6 +11,8 @@ builds of 60-100 s):
   `Add` layers, depthwise convolutions, BatchNormalization, Reshape.
 - ConvNeXtTiny: nested Sequential models (stem, downsampling), a custom
   layer (`LayerScale`), an `Add` operation node, LayerNormalization, GELU.
+  In the PyTorch suite only (the cheapest): MobileNetV3Small covers the
+  backends' numerics, ConvNeXtTiny adds graph constructs.
 """
 
 from __future__ import annotations
@@ -41,7 +43,19 @@ def _graph_layer_with_weights(model):
     )
 
 
-@pytest.mark.parametrize("name", list(BUILDERS))
+@pytest.mark.parametrize(
+    "name",
+    [
+        "MobileNetV3Small",
+        # Its constructs (nested Sequential models, a custom layer) are the
+        # graph's, which `insert_probes` and the layer selection handle the
+        # same on every backend: 140-170 s of TF and JAX CI time spared.
+        pytest.param(
+            "ConvNeXtTiny",
+            marks=pytest.mark.one_backend("torch", reason="graph constructs"),
+        ),
+    ],
+)
 def test_application(name):
     model = BUILDERS[name]()
     operations = [o for o in model.operations if not isinstance(o, keras.layers.Layer)]

@@ -78,8 +78,25 @@ def test_parser_finds_the_snippets():
     assert SECTIONS["quickstart"] == []  # the bash block is not run here
 
 
+# Each section's snippets (a fresh process, 20-35 s) run in one backend's
+# suite, the sections spread over the three; the API under them is tested on
+# every backend by the other tests.
+_BACKENDS = ("tensorflow", "jax", "torch")
+
+
 @pytest.mark.parametrize(
-    "section", [name for name, snippets in SECTIONS.items() if snippets]
+    "section",
+    [
+        pytest.param(
+            name,
+            marks=pytest.mark.one_backend(
+                _BACKENDS[index % len(_BACKENDS)], reason="a README section's run"
+            ),
+        )
+        for index, name in enumerate(
+            name for name, snippets in SECTIONS.items() if snippets
+        )
+    ],
 )
 def test_readme_section_snippets_run(section, tmp_path):
     script = tmp_path / "snippets.py"
