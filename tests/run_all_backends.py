@@ -63,7 +63,8 @@ def main(argv: list[str]) -> int:
                 if log is not None:  # the whole run at once, not interleaved
                     log.close()
                     print(f"\n===== KERAS_BACKEND={backend} =====", flush=True)
-                    sys.stdout.write((folder / f"{backend}.log").read_text())
+                    text = (folder / f"{backend}.log").read_bytes()
+                    sys.stdout.write(text.decode("utf-8", errors="replace"))
                     sys.stdout.flush()
                 for name, count in count_tests(folder / f"{backend}.xml").items():
                     totals[name] += count
