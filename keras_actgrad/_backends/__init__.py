@@ -47,6 +47,17 @@ def moments_class() -> type[Moments]:
     return adapter_class().moments
 
 
+def step_moments_class() -> type[Moments]:
+    """The moments of the monitored training step for the backend in use."""
+    if keras.backend.backend() == "tensorflow":
+        from keras_actgrad._statistics.moments_tensorflow import (
+            TensorFlowStepMoments,
+        )
+
+        return TensorFlowStepMoments
+    return moments_class()
+
+
 def step_hooks() -> type[StepHooks]:
     """The monitored step's hooks for the Keras backend in use."""
     backend = keras.backend.backend()

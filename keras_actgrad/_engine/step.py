@@ -33,7 +33,7 @@ from typing import Any
 
 import keras
 
-from keras_actgrad._backends import moments_class, replicas, step_hooks
+from keras_actgrad._backends import replicas, step_hooks, step_moments_class
 from keras_actgrad._backends.base import StepHooks
 from keras_actgrad._context import tapping
 from keras_actgrad._layers import Site, tapping_layers
@@ -135,7 +135,7 @@ class _Trace:
         self.full: Tensor | None = None
         self.spike: Tensor | None = None
         self._calls: dict[str, int] = {}
-        self._probe_class = moments_class()
+        self._probe_class = step_moments_class()
         self._replicas = replicas()
         # The activations of the taps no gradient has reached (yet): handles
         # kept only when an activation moment, histogram or spike record is
