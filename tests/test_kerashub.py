@@ -212,3 +212,59 @@ def test_insert_and_strip_probes_on_backbones(name):
         keras.tree.flatten(want), keras.tree.flatten(back), strict=True
     ):
         np.testing.assert_array_equal(actual, expected)
+
+
+def test_monitor_in_place_on_a_causal_lm_first_step_equals_a_reference():
+    # The monitor's first step is taken at the initial weights on the whole
+    # (single) batch: its statistics are those of the patched-autodiff
+    # reference there. Dropout 0: training mode is then inference mode.
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=VOCABULARY,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=LENGTH,
+        dropout=0.0,
+    )
+    model = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss)
+    x = _text()
+    y = np.roll(x["token_ids"], -1, axis=1)
+    selection = (
+        keras_actgrad.transformer_blocks(model)
+        + keras_actgrad.attention_layers(model)
+        + keras_actgrad.mlp_layers(model)
+    )
+    sites = {site.name: site.layer for site in select_layers(model, selection)}
+    expected = reference(model, x, y, loss, sites)
+    monitor = keras_actgrad.GradientMonitor(layers=selection, statistics=None)
+    model.fit(x, y, batch_size=2, epochs=3, verbose=0, callbacks=[monitor])
+    assert [e["step"] for e in monitor.events] == [1, 2, 3]
+    first = monitor.events[0]["statistics"]
+    assert sorted(first) == sorted(expected)
+    assert all("call" not in vars(layer) for layer in sites.values())
+    for key, (activation, gradient) in expected.items():
+        g = gradient.astype(np.float64)
+        a = activation.astype(np.float64)
+        values = first[key]
+        np.testing.assert_allclose(
+            [
+                values["grad_norm"],
+                values["grad_mean_abs"],
+                values["grad_max_abs"],
+                values["act_mean"],
+            ],
+            [np.linalg.norm(g), np.abs(g).mean(), np.abs(g).max(), a.mean()],
+            rtol=2e-4,
+            atol=1e-7,
+            err_msg=key,
+        )
+    later = [
+        e["statistics"][key]["grad_norm"]
+        for e in monitor.events[1:]
+        for key in e["statistics"]
+    ]
+    assert np.all(np.isfinite(later))
+    assert np.isfinite(monitor.events[-1]["global_grad_norm"])
