@@ -544,7 +544,14 @@ def test_multi_output_model_with_an_output_without_loss():
     after = keras_actgrad.activation_gradients(model, x, y)
     assert list(after) == list(expected)
     for probe, (activation, gradient) in expected.items():
-        np.testing.assert_allclose(after[probe].activation, activation, rtol=1e-5)
+        # float32 against the float64 reference: an entry much smaller than
+        # the largest ones carries their rounding (PyTorch: 5e-8 on 0.002).
+        np.testing.assert_allclose(
+            after[probe].activation,
+            activation,
+            rtol=1e-5,
+            atol=1e-6 * float(np.abs(activation).max()),
+        )
         if gradient is None:
             assert after[probe].gradient is None
         else:
