@@ -7,6 +7,8 @@ Small random configs (no download). Reference: `tests/inplace_reference.py`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import keras
 import numpy as np
 import pytest
@@ -36,7 +38,7 @@ def _text(**extra: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def _backbone(name: str):
+def _backbone(name: str, **options: Any):
     models = keras_hub.models
     small = dict(
         vocabulary_size=VOCABULARY, num_layers=2, hidden_dim=16, intermediate_dim=32
@@ -46,7 +48,7 @@ def _backbone(name: str):
         return model, _text(segment_ids=np.zeros((2, LENGTH), "int32"))
     if name == "gpt2":
         return models.GPT2Backbone(
-            num_heads=2, max_sequence_length=LENGTH, **small
+            num_heads=2, max_sequence_length=LENGTH, **small, **options
         ), _text()
     if name == "gemma":
         model = models.GemmaBackbone(
@@ -218,19 +220,10 @@ def test_monitor_in_place_on_a_causal_lm_first_step_equals_a_reference():
     # The monitor's first step is taken at the initial weights on the whole
     # (single) batch: its statistics are those of the patched-autodiff
     # reference there. Dropout 0: training mode is then inference mode.
-    backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=VOCABULARY,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
-        max_sequence_length=LENGTH,
-        dropout=0.0,
-    )
+    backbone, x = _backbone("gpt2", dropout=0.0)
     model = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss)
-    x = _text()
     y = np.roll(x["token_ids"], -1, axis=1)
     selection = (
         keras_actgrad.transformer_blocks(model)
