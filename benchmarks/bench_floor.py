@@ -1,0 +1,313 @@
+"""Benchmark: the floor under the monitor's cost, without keras-actgrad.
+
+What does it cost a training step to reduce the gradient at every layer
+output inside the step, at best? A hand-written training step of the
+reference MLP's shapes (10 x Dense(512) ReLU, a 10-class head, softmax
+cross-entropy, Adam, batch 512) in the framework alone: no Keras, no
+keras-actgrad. The gradient at each hidden layer's output is taken inside
+the step's own backward pass (a `custom_vjp` identity on JAX, a
+`tf.custom_gradient` identity in a `tf.function` on TensorFlow, a tensor
+hook on PyTorch), and reduced there with the framework's fastest ops:
+
+- `none`: the step alone (no identity);
+- `grad_norm`: one sum of squares of each gradient, the least any
+  gradient statistic reads (the monitor's default statistic);
+- `one_read`: that, and one sum of each activation: each of the 20
+  tensors read once;
+- `statistics`: the reductions the monitor's 12 statistics need, and
+  nothing more: per example sums of squares, sum, sum of |g|, max |g| and
+  count of nonzeros of each gradient; sum, sum of squares and per unit
+  nonzero counts of each activation.
+
+The ratio of each to `none` is the median over rounds of the two times of
+the same round (the order shuffled every round). Issue 13's target for the
+monitor with all statistics and weight gradients is 1.03x `fit` without
+it: `statistics` is what the statistics alone cost, at best, on this
+machine, before any weight norm, and below it the monitor cannot go.
+
+Usage:
+
+    KERAS_BACKEND=jax python benchmarks/bench_floor.py [--rounds 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+DEPTH, WIDTH, BATCH, CLASSES = 10, 512, 512, 10
+VARIANTS = ("none", "grad_norm", "one_read", "statistics")
+LEARNING_RATE, BETA_1, BETA_2, EPSILON = 1e-3, 0.9, 0.999, 1e-7
+
+
+def _data() -> tuple[Any, Any, list[Any]]:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(BATCH, WIDTH)).astype("float32")
+    y = rng.integers(0, CLASSES, size=(BATCH,)).astype("int32")
+    shapes = [(WIDTH, WIDTH)] * DEPTH + [(WIDTH, CLASSES)]
+    weights = [
+        (rng.normal(size=s) * np.sqrt(2.0 / s[0])).astype("float32") for s in shapes
+    ]
+    return x, y, weights
+
+
+def jax_steps() -> dict[str, Callable[[], object]]:
+    import jax
+    import jax.numpy as jnp
+
+    x, y, init = _data()
+    weights = [jnp.asarray(w) for w in init]
+    slots = [jnp.zeros_like(w) for w in weights]
+
+    def reduce_gradient(g: Any, variant: str) -> list[Any]:
+        rows = jnp.sum(g * g, axis=1)
+        if variant != "statistics":
+            return [jnp.sum(rows)]
+        magnitude = jnp.abs(g)
+        return [
+            rows,
+            jnp.sum(g),
+            jnp.sum(magnitude),
+            jnp.max(magnitude),
+            jnp.sum((g != 0).astype("float32")),
+        ]
+
+    def reduce_activation(a: Any, variant: str) -> list[Any]:
+        if variant == "grad_norm":
+            return []
+        if variant == "one_read":
+            return [jnp.sum(a)]
+        return [jnp.sum(a), jnp.sum(a * a), jnp.sum((a != 0).astype("float32"), 0)]
+
+    def make(variant: str) -> Callable[..., Any]:
+        reduced: list[Any] = []
+
+        @jax.custom_vjp
+        def tap(a: Any) -> Any:
+            return a
+
+        def tap_forward(a: Any) -> Any:
+            return a, None
+
+        def tap_backward(_: Any, g: Any) -> Any:
+            reduced.extend(reduce_gradient(g, variant))
+            return (g,)
+
+        tap.defvjp(tap_forward, tap_backward)
+
+        def loss(weights: list[Any]) -> Any:
+            h, shares = jnp.asarray(x), []
+            for w in weights[:-1]:
+                h = jnp.maximum(h @ w, 0.0)
+                if variant != "none":
+                    shares.extend(reduce_activation(h, variant))
+                    h = tap(h)
+            logits = h @ weights[-1]
+            picked = jnp.take_along_axis(logits, jnp.asarray(y)[:, None], axis=1)
+            return jnp.mean(jax.nn.logsumexp(logits, axis=1) - picked[:, 0]), shares
+
+        def step(weights: list[Any], m: list[Any], v: list[Any], t: Any) -> Any:
+            reduced.clear()
+            (value, shares), grads = jax.value_and_grad(loss, has_aux=True)(weights)
+            t = t + 1.0
+            m = [BETA_1 * a + (1 - BETA_1) * g for a, g in zip(m, grads, strict=True)]
+            v = [
+                BETA_2 * a + (1 - BETA_2) * g * g for a, g in zip(v, grads, strict=True)
+            ]
+            rate = LEARNING_RATE * jnp.sqrt(1 - BETA_2**t) / (1 - BETA_1**t)
+            weights = [
+                w - rate * a / (jnp.sqrt(b) + EPSILON)
+                for w, a, b in zip(weights, m, v, strict=True)
+            ]
+            return weights, m, v, t, value, shares + list(reduced)
+
+        return jax.jit(step)
+
+    def run(function: Callable[..., Any]) -> Callable[[], object]:
+        state = [weights, slots, slots, jnp.zeros(())]
+
+        def call() -> object:
+            out = function(*state)
+            jax.block_until_ready(out)
+            state[:] = out[:4]
+            return out
+
+        return call
+
+    return {variant: run(make(variant)) for variant in VARIANTS}
+
+
+def tensorflow_steps() -> dict[str, Callable[[], object]]:
+    import tensorflow as tf
+
+    x, y, init = _data()
+
+    def reduce_gradient(g: Any, variant: str) -> list[Any]:
+        if variant != "statistics":
+            return [tf.math.reduce_euclidean_norm(g)]
+        magnitude = tf.abs(g)
+        return [
+            tf.math.reduce_euclidean_norm(g, axis=1),
+            tf.reduce_sum(g),
+            tf.reduce_sum(magnitude),
+            tf.reduce_max(magnitude),
+            tf.reduce_sum(tf.sign(magnitude)),
+        ]
+
+    def reduce_activation(a: Any, variant: str) -> list[Any]:
+        if variant == "grad_norm":
+            return []
+        if variant == "one_read":
+            return [tf.reduce_sum(a)]
+        return [
+            tf.reduce_sum(a),
+            tf.math.reduce_euclidean_norm(a),
+            tf.reduce_sum(tf.sign(tf.abs(a)), 0),
+        ]
+
+    def make(variant: str) -> Callable[[], object]:
+        weights = [tf.Variable(w) for w in init]
+        m = [tf.Variable(tf.zeros_like(w)) for w in init]
+        v = [tf.Variable(tf.zeros_like(w)) for w in init]
+        t = tf.Variable(0.0)
+        features, labels = tf.constant(x), tf.constant(y)
+
+        @tf.function
+        def step() -> Any:
+            reduced: list[Any] = []
+
+            @tf.custom_gradient
+            def tap(a: Any) -> Any:
+                def backward(g: Any) -> Any:
+                    reduced.extend(reduce_gradient(g, variant))
+                    return g
+
+                return tf.identity(a), backward
+
+            shares: list[Any] = []
+            with tf.GradientTape() as tape:
+                h = features
+                for w in weights[:-1]:
+                    h = tf.nn.relu(h @ w)
+                    if variant != "none":
+                        shares.extend(reduce_activation(h, variant))
+                        h = tap(h)
+                logits = h @ weights[-1]
+                value = tf.reduce_mean(
+                    tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+                )
+            grads = tape.gradient(value, weights)
+            t.assign_add(1.0)
+            rate = LEARNING_RATE * tf.sqrt(1 - BETA_2**t) / (1 - BETA_1**t)
+            for w, a, b, g in zip(weights, m, v, grads, strict=True):
+                a.assign(BETA_1 * a + (1 - BETA_1) * g)
+                b.assign(BETA_2 * b + (1 - BETA_2) * tf.square(g))
+                w.assign_sub(rate * a / (tf.sqrt(b) + EPSILON))
+            return value, shares + reduced
+
+        def call() -> object:
+            value, out = step()
+            return float(value), [o.numpy() for o in out]
+
+        return call
+
+    return {variant: make(variant) for variant in VARIANTS}
+
+
+def torch_steps() -> dict[str, Callable[[], object]]:
+    import torch
+
+    x, y, init = _data()
+    features, labels = torch.from_numpy(x), torch.from_numpy(y).long()
+
+    def reduce_gradient(g: Any, variant: str) -> list[Any]:
+        if variant != "statistics":
+            return [torch.linalg.vector_norm(g)]
+        magnitude = g.abs()
+        return [
+            torch.linalg.vector_norm(g, dim=1),
+            g.sum(),
+            magnitude.sum(),
+            magnitude.max(),
+            magnitude.sign_().sum(),
+        ]
+
+    def reduce_activation(a: Any, variant: str) -> list[Any]:
+        if variant == "grad_norm":
+            return []
+        if variant == "one_read":
+            return [a.sum()]
+        return [a.sum(), torch.linalg.vector_norm(a), a.abs().sign_().sum(0)]
+
+    def make(variant: str) -> Callable[[], object]:
+        weights = [torch.tensor(w, requires_grad=True) for w in init]
+        optimizer = torch.optim.Adam(weights, lr=LEARNING_RATE, eps=EPSILON)
+
+        def call() -> object:
+            reduced: list[Any] = []
+
+            def hook(g: Any) -> None:
+                with torch.no_grad():
+                    reduced.extend(reduce_gradient(g, variant))
+
+            h = features
+            for w in weights[:-1]:
+                h = torch.relu(h @ w)
+                if variant != "none":
+                    with torch.no_grad():
+                        reduced.extend(reduce_activation(h, variant))
+                    h.register_hook(hook)
+            value = torch.nn.functional.cross_entropy(h @ weights[-1], labels)
+            optimizer.zero_grad()
+            value.backward()
+            optimizer.step()
+            return float(value), [r.numpy() for r in reduced]
+
+        return call
+
+    return {variant: make(variant) for variant in VARIANTS}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=60)
+    args = parser.parse_args()
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    build = {
+        "jax": jax_steps,
+        "tensorflow": tensorflow_steps,
+        "torch": torch_steps,
+    }[backend]
+    steps = build()
+    for step in steps.values():  # compiled and warm
+        for _ in range(3):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    order = list(steps)
+    shuffle = random.Random(0).shuffle
+    for _ in range(args.rounds):
+        shuffle(order)
+        for name in order:
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - start)
+    print(f"backend={backend} rounds={args.rounds} (median of paired rounds)")
+    print(f"{'variant':12} {'median ms':>10} {'/ none':>8}")
+    for name, values in times.items():
+        ratio = statistics.median(
+            a / b for a, b in zip(values, times["none"], strict=True)
+        )
+        print(f"{name:12} {1000 * statistics.median(values):10.1f} {ratio:7.3f}x")
+
+
+if __name__ == "__main__":
+    main()
