@@ -12,6 +12,13 @@ histograms <= 0.9x (ResNet50), <= 1.0x (DenseNet121). `--model mlp`: the
 reference MLP of `bench_callback.py` (10 x Dense(512), batch 512; targets
 of issue 3: 0.8x, 1.0x).
 
+`--floor` (TensorFlow) also times the event's floor without keras-actgrad:
+a `tf.function` of the model with the probes' outputs as extra outputs,
+whose tape takes the gradient at every probe output and at nothing else
+(no weight gradient, no reduction: `pass_alone`), then the same with
+`tf.histogram_fixed_width` of every probe's activation and gradient in
+their ranges (30 bins, the callback's default: `pass_histograms`).
+
 `--compare` also times the event reduced after the whole backward pass
 (the reducer called once on every probe's tensors, as before the probes
 were reduced inside the backward pass), for a before / after in one
@@ -94,12 +101,39 @@ def event(model: keras.Model, data: Any, whole: bool, **kwargs: Any) -> Any:
     return run
 
 
+def floor(model: keras.Model, x: Any, y: Any, histograms: bool) -> Any:
+    """The pass without keras-actgrad: gradients at the probe outputs (TF)."""
+    import tensorflow as tf
+
+    outputs = [probe.output for probe in keras_actgrad.find_probes(model)]
+    tapped = keras.Model(model.inputs, [*outputs, model.output])
+    loss = keras.losses.SparseCategoricalCrossentropy()
+
+    def histogram(tensor: Any) -> Any:
+        value_range = tf.stack([tf.reduce_min(tensor), tf.reduce_max(tensor)])
+        return tf.histogram_fixed_width(tensor, value_range, nbins=30)
+
+    @tf.function
+    def run(x: Any, y: Any) -> Any:
+        with tf.GradientTape() as tape:
+            *activations, prediction = tapped(x, training=False)
+            value = loss(y, prediction)
+        gradients = tape.gradient(value, activations)
+        if not histograms:
+            return [tf.reduce_sum(g[:1]) for g in gradients]
+        return [histogram(t) for t in activations + gradients]
+
+    x, y = tf.constant(x), tf.constant(y)
+    return lambda: [t.numpy() for t in run(x, y)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet50", choices=sorted(TARGETS))
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--reps", type=int, default=8, help="timed rounds")
     parser.add_argument("--compare", action="store_true")
+    parser.add_argument("--floor", action="store_true")
     args = parser.parse_args(argv)
     if args.model == "mlp":
         model = build_model()
@@ -115,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         "event": event(model, data, False, histograms=False),
         "histograms": event(model, data, False, histograms=True),
     }
+    if args.floor:
+        functions["pass_alone"] = floor(model, x, y, histograms=False)
+        functions["pass_histograms"] = floor(model, x, y, histograms=True)
     if args.compare:
         functions["event_whole"] = event(model, data, True, histograms=False)
         functions["histograms_whole"] = event(model, data, True, histograms=True)

@@ -12,8 +12,12 @@ hook on PyTorch), and reduced there with the framework's fastest ops:
 - `none`: the step alone (no identity);
 - `grad_norm`: one sum of squares of each gradient, the least any
   gradient statistic reads (the monitor's default statistic);
-- `one_read`: that, and one sum of each activation: each of the 20
-  tensors read once;
+- `weights`: that, and the monitor's weight norms (`weight_gradients=True`,
+  its default): the squared norm of each weight's gradient, of its update
+  and of the weight before the update, the update taken from a copy of
+  the weights made before the optimizer's step;
+- `one_read`: `grad_norm`, and one sum of each activation: each of the
+  20 tensors read once;
 - `statistics`: the reductions the monitor's 12 statistics need, and
   nothing more: per example sums of squares, sum, sum of |g|, max |g| and
   count of nonzeros of each gradient; sum, sum of squares and per unit
@@ -43,7 +47,7 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 DEPTH, WIDTH, BATCH, CLASSES = 10, 512, 512, 10
-VARIANTS = ("none", "grad_norm", "one_read", "statistics")
+VARIANTS = ("none", "grad_norm", "weights", "one_read", "statistics")
 LEARNING_RATE, BETA_1, BETA_2, EPSILON = 1e-3, 0.9, 0.999, 1e-7
 
 
@@ -82,7 +86,7 @@ def jax_steps() -> dict[str, Callable[[], object]]:
         ]
 
     def reduce_activation(a: Any, variant: str) -> list[Any]:
-        if variant == "grad_norm":
+        if variant in ("grad_norm", "weights"):
             return []
         if variant == "one_read":
             return [jnp.sum(a)]
@@ -124,11 +128,17 @@ def jax_steps() -> dict[str, Callable[[], object]]:
                 BETA_2 * a + (1 - BETA_2) * g * g for a, g in zip(v, grads, strict=True)
             ]
             rate = LEARNING_RATE * jnp.sqrt(1 - BETA_2**t) / (1 - BETA_1**t)
-            weights = [
+            new = [
                 w - rate * a / (jnp.sqrt(b) + EPSILON)
                 for w, a, b in zip(weights, m, v, strict=True)
             ]
-            return weights, m, v, t, value, shares + list(reduced)
+            if variant == "weights":
+                reduced.extend(jnp.sum(g * g) for g in grads)
+                reduced.extend(
+                    jnp.sum((n - w) ** 2) for w, n in zip(weights, new, strict=True)
+                )
+                reduced.extend(jnp.sum(w * w) for w in weights)
+            return new, m, v, t, value, shares + list(reduced)
 
         return jax.jit(step)
 
@@ -164,7 +174,7 @@ def tensorflow_steps() -> dict[str, Callable[[], object]]:
         ]
 
     def reduce_activation(a: Any, variant: str) -> list[Any]:
-        if variant == "grad_norm":
+        if variant in ("grad_norm", "weights"):
             return []
         if variant == "one_read":
             return [tf.reduce_sum(a)]
@@ -206,12 +216,18 @@ def tensorflow_steps() -> dict[str, Callable[[], object]]:
                     tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
                 )
             grads = tape.gradient(value, weights)
+            old = [tf.identity(w) for w in weights] if variant == "weights" else []
             t.assign_add(1.0)
             rate = LEARNING_RATE * tf.sqrt(1 - BETA_2**t) / (1 - BETA_1**t)
             for w, a, b, g in zip(weights, m, v, grads, strict=True):
                 a.assign(BETA_1 * a + (1 - BETA_1) * g)
                 b.assign(BETA_2 * b + (1 - BETA_2) * tf.square(g))
                 w.assign_sub(rate * a / (tf.sqrt(b) + EPSILON))
+            if variant == "weights":
+                norm = tf.math.reduce_euclidean_norm
+                reduced.extend(norm(g) for g in grads)
+                reduced.extend(norm(w - o) for w, o in zip(weights, old, strict=True))
+                reduced.extend(norm(o) for o in old)
             return value, shares + reduced
 
         def call() -> object:
@@ -242,7 +258,7 @@ def torch_steps() -> dict[str, Callable[[], object]]:
         ]
 
     def reduce_activation(a: Any, variant: str) -> list[Any]:
-        if variant == "grad_norm":
+        if variant in ("grad_norm", "weights"):
             return []
         if variant == "one_read":
             return [a.sum()]
@@ -269,7 +285,17 @@ def torch_steps() -> dict[str, Callable[[], object]]:
             value = torch.nn.functional.cross_entropy(h @ weights[-1], labels)
             optimizer.zero_grad()
             value.backward()
+            if variant == "weights":
+                old = [w.detach().clone().reshape(-1) for w in weights]
             optimizer.step()
+            if variant == "weights":
+                with torch.no_grad():
+                    for w, o in zip(weights, old, strict=True):
+                        g = w.grad.reshape(-1)
+                        reduced.append(torch.dot(g, g))
+                        reduced.append(torch.dot(o, o))
+                        update = o.sub_(w.reshape(-1))
+                        reduced.append(torch.dot(update, update))
             return float(value), [r.numpy() for r in reduced]
 
         return call
