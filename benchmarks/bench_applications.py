@@ -102,11 +102,15 @@ def event(model: keras.Model, data: Any, whole: bool, **kwargs: Any) -> Any:
 
 
 def floor(model: keras.Model, x: Any, y: Any, histograms: bool) -> Any:
-    """The pass without keras-actgrad: gradients at the probe outputs (TF)."""
+    """The pass without keras-actgrad: gradients at the probe outputs (TF).
+
+    While the function is traced, each probe's `call` is replaced by a
+    `tf.identity` that the tape watches (the textbook way to differentiate
+    a model at an inner tensor); the tape differentiates those tensors only.
+    """
     import tensorflow as tf
 
-    outputs = [probe.output for probe in keras_actgrad.find_probes(model)]
-    tapped = keras.Model(model.inputs, [*outputs, model.output])
+    probes = keras_actgrad.find_probes(model)
     loss = keras.losses.SparseCategoricalCrossentropy()
 
     def histogram(tensor: Any) -> Any:
@@ -115,8 +119,22 @@ def floor(model: keras.Model, x: Any, y: Any, histograms: bool) -> Any:
 
     @tf.function
     def run(x: Any, y: Any) -> Any:
-        with tf.GradientTape() as tape:
-            *activations, prediction = tapped(x, training=False)
+        activations: list[Any] = []
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+
+            def watched(inputs: Any, *args: Any, **kwargs: Any) -> Any:
+                output = tf.identity(inputs)
+                tape.watch(output)
+                activations.append(output)
+                return output
+
+            for probe in probes:
+                probe.call = watched
+            try:
+                prediction = model(x, training=False)
+            finally:
+                for probe in probes:
+                    del probe.call
             value = loss(y, prediction)
         gradients = tape.gradient(value, activations)
         if not histograms:
