@@ -29,9 +29,15 @@ monitor with all statistics and weight gradients is 1.03x `fit` without
 it: `statistics` is what the statistics alone cost, at best, on this
 machine, before any weight norm, and below it the monitor cannot go.
 
+`--model resnet50` (PyTorch only): keras.applications ResNet50 with
+`insert_probes` (107 probes), batch 32, 64 x 64, Keras's own eager torch
+model stepped by hand in torch (`none`, `grad_norm`, `statistics`), the
+floor under `bench_monitor.py --model resnet50` on PyTorch.
+
 Usage:
 
     KERAS_BACKEND=jax python benchmarks/bench_floor.py [--rounds 60]
+    KERAS_BACKEND=torch python benchmarks/bench_floor.py --model resnet50 --rounds 8
 """
 
 from __future__ import annotations
@@ -296,16 +302,96 @@ def torch_steps() -> dict[str, Callable[[], object]]:
                         reduced.append(torch.dot(o, o))
                         update = o.sub_(w.reshape(-1))
                         reduced.append(torch.dot(update, update))
-            return float(value), [r.numpy() for r in reduced]
+            return float(value.detach()), [r.numpy() for r in reduced]
 
         return call
 
     return {variant: make(variant) for variant in VARIANTS}
 
 
+def torch_resnet50_steps() -> dict[str, Callable[[], object]]:
+    """ResNet50 (`bench_monitor.py --model resnet50`'s), stepped by hand in torch.
+
+    The model is Keras's (keras.applications, random weights, 107
+    `insert_probes` probes), run eagerly on the torch backend; the step
+    around it is plain torch: the forward call, the loss, `backward()`,
+    `torch.optim.Adam`. While the step runs, each probe's `call` is a
+    `view_as` with a tensor hook that reduces the gradient there.
+    """
+    import keras
+    import numpy as np
+    import torch
+
+    import keras_actgrad
+
+    keras.utils.set_random_seed(0)
+    model = keras_actgrad.insert_probes(
+        keras.applications.ResNet50(weights=None, input_shape=(64, 64, 3), classes=10)
+    )
+    probes = keras_actgrad.find_probes(model)
+    rng = np.random.default_rng(0)
+    features = torch.from_numpy(rng.normal(size=(32, 64, 64, 3)).astype("float32"))
+    labels = torch.from_numpy(rng.integers(0, 10, size=(32,))).long()
+
+    def reduce_gradient(g: Any, variant: str) -> list[Any]:
+        if variant != "statistics":
+            return [torch.linalg.vector_norm(g)]
+        magnitude = g.abs()
+        return [
+            torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1),
+            g.sum(),
+            magnitude.sum(),
+            magnitude.max(),
+            magnitude.sign_().sum(),
+        ]
+
+    def reduce_activation(a: Any, variant: str) -> list[Any]:
+        if variant != "statistics":
+            return []
+        units = a.reshape(-1, a.shape[-1])
+        return [a.sum(), torch.linalg.vector_norm(a), units.abs().sign_().sum(0)]
+
+    def make(variant: str) -> Callable[[], object]:
+        parameters = [v.value for v in model.trainable_variables]
+        optimizer = torch.optim.Adam(parameters, lr=LEARNING_RATE, eps=EPSILON)
+
+        def call() -> object:
+            reduced: list[Any] = []
+
+            def hook(g: Any) -> None:
+                with torch.no_grad():
+                    reduced.extend(reduce_gradient(g, variant))
+
+            def tapped(inputs: Any, *args: Any, **kwargs: Any) -> Any:
+                with torch.no_grad():
+                    reduced.extend(reduce_activation(inputs, variant))
+                output = inputs.view_as(inputs)
+                output.register_hook(hook)
+                return output
+
+            if variant != "none":
+                for probe in probes:
+                    probe.call = tapped
+            try:
+                probabilities = model(features, training=True)
+            finally:
+                for probe in probes:
+                    probe.__dict__.pop("call", None)
+            value = torch.nn.functional.nll_loss(torch.log(probabilities), labels)
+            optimizer.zero_grad()
+            value.backward()
+            optimizer.step()
+            return float(value.detach()), [r.numpy() for r in reduced]
+
+        return call
+
+    return {variant: make(variant) for variant in ("none", "grad_norm", "statistics")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--model", choices=["mlp", "resnet50"], default="mlp")
     args = parser.parse_args()
     backend = os.environ.get("KERAS_BACKEND", "tensorflow")
     build = {
@@ -313,6 +399,10 @@ def main() -> None:
         "tensorflow": tensorflow_steps,
         "torch": torch_steps,
     }[backend]
+    if args.model == "resnet50":
+        if backend != "torch":
+            parser.error("--model resnet50 runs on KERAS_BACKEND=torch only.")
+        build = torch_resnet50_steps
     steps = build()
     for step in steps.values():  # compiled and warm
         for _ in range(3):
