@@ -35,7 +35,8 @@ class TorchMoments(Moments):
 
     `row` computes the moments it is asked for in groups that share one
     scratch tensor (the shape of the probe's tensors), written in place:
-    `|g|`, then its signs; `a - mean(a)`, then `|a|` and its signs. Every
+    `|g|`, then its signs; `a - mean(a)` (only where `a_std` needs the
+    two-pass form), then `|a|` and its signs. Every
     moment is the same kernel's result as when asked for alone; a probe
     allocates one temporary instead of one per elementwise op (on CPU, each
     fresh allocation of a large tensor costs page faults).
@@ -129,7 +130,24 @@ class TorchMoments(Moments):
         return float(self.a.numel())
 
     def a_std(self) -> Any:
-        return self._a_std(self.a - self.a_mean())
+        return self._get("a_std", lambda: self._std(lambda: self.a - self.a_mean()))
+
+    def _std(self, centre: Any) -> Any:
+        """`a_std`: one pass from the raw moments where that is accurate.
+
+        As `TensorFlowMoments.a_std`: while |mean| <= 2 std (ReLU, tanh
+        outputs), E[a^2] - E[a]^2 loses at most a few ulps of the
+        variance; otherwise (e.g. sigmoid outputs bunched near 0.9, or a
+        non-finite activation) the corrected two-pass form of `_a_std` on
+        `centre()`, the centred activation. The test is read on the host
+        (the pass runs eagerly).
+        """
+        a = self.a
+        mean = self.a_mean()
+        variance = torch.linalg.vector_norm(a).square() / a.numel() - mean.square()
+        if bool(mean.square() <= 4.0 * variance):
+            return variance.sqrt()
+        return self._a_std(centre())
 
     def _a_std(self, centred: Any) -> Any:
         # The corrected two-pass algorithm, as `Moments.a_std`.
@@ -181,8 +199,9 @@ class TorchMoments(Moments):
         """`a_std`, then the unit counts, in the scratch."""
         a = self.a
         if "a_std" in wanted and "a_std" not in self._cache:
-            centred = torch.sub(a, self.a_mean(), out=self._buffer(a))
-            self._cache["a_std"] = self._a_std(centred)
+            self._cache["a_std"] = self._std(
+                lambda: torch.sub(a, self.a_mean(), out=self._buffer(a))
+            )
         if wanted & _UNIT_GROUP and "_unit_counts" not in self._cache:
             units = self._units()
             if self._finite("a"):
