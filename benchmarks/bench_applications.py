@@ -53,6 +53,7 @@ from _reference import (  # noqa: E402
     paired_ratio,
     timings,
 )
+from bench_floor import probe_calls  # noqa: E402
 from bench_memory import build_application  # noqa: E402
 
 import keras_actgrad  # noqa: E402
@@ -128,13 +129,8 @@ def floor(model: keras.Model, x: Any, y: Any, histograms: bool) -> Any:
                 activations.append(output)
                 return output
 
-            for probe in probes:
-                probe.call = watched
-            try:
+            with probe_calls(probes, watched):
                 prediction = model(x, training=False)
-            finally:
-                for probe in probes:
-                    del probe.call
             value = loss(y, prediction)
         gradients = tape.gradient(value, activations)
         if not histograms:

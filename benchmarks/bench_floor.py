@@ -43,11 +43,12 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -55,6 +56,47 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 DEPTH, WIDTH, BATCH, CLASSES = 10, 512, 512, 10
 VARIANTS = ("none", "grad_norm", "weights", "one_read", "statistics")
 LEARNING_RATE, BETA_1, BETA_2, EPSILON = 1e-3, 0.9, 0.999, 1e-7
+
+
+@contextlib.contextmanager
+def probe_calls(probes: list[Any], call: Callable[..., Any] | None) -> Iterator[None]:
+    """Each probe layer's `call` replaced by `call` (None: kept), then restored."""
+    if call is not None:
+        for probe in probes:
+            probe.call = call
+    try:
+        yield
+    finally:
+        for probe in probes:
+            probe.__dict__.pop("call", None)
+
+
+def _torch_gradient(g: Any, variant: str) -> list[Any]:
+    """The torch reductions of a gradient for `variant` (rows: examples)."""
+    import torch
+
+    if variant != "statistics":
+        return [torch.linalg.vector_norm(g)]
+    magnitude = g.abs()
+    return [
+        torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1),
+        g.sum(),
+        magnitude.sum(),
+        magnitude.max(),
+        magnitude.sign_().sum(),
+    ]
+
+
+def _torch_activation(a: Any, variant: str) -> list[Any]:
+    """The torch reductions of an activation for `variant` (units: last axis)."""
+    import torch
+
+    if variant == "one_read":
+        return [a.sum()]
+    if variant != "statistics":
+        return []
+    units = a.reshape(-1, a.shape[-1])
+    return [a.sum(), torch.linalg.vector_norm(a), units.abs().sign_().sum(0)]
 
 
 def _data() -> tuple[Any, Any, list[Any]]:
@@ -251,25 +293,6 @@ def torch_steps() -> dict[str, Callable[[], object]]:
     x, y, init = _data()
     features, labels = torch.from_numpy(x), torch.from_numpy(y).long()
 
-    def reduce_gradient(g: Any, variant: str) -> list[Any]:
-        if variant != "statistics":
-            return [torch.linalg.vector_norm(g)]
-        magnitude = g.abs()
-        return [
-            torch.linalg.vector_norm(g, dim=1),
-            g.sum(),
-            magnitude.sum(),
-            magnitude.max(),
-            magnitude.sign_().sum(),
-        ]
-
-    def reduce_activation(a: Any, variant: str) -> list[Any]:
-        if variant in ("grad_norm", "weights"):
-            return []
-        if variant == "one_read":
-            return [a.sum()]
-        return [a.sum(), torch.linalg.vector_norm(a), a.abs().sign_().sum(0)]
-
     def make(variant: str) -> Callable[[], object]:
         weights = [torch.tensor(w, requires_grad=True) for w in init]
         optimizer = torch.optim.Adam(weights, lr=LEARNING_RATE, eps=EPSILON)
@@ -279,14 +302,14 @@ def torch_steps() -> dict[str, Callable[[], object]]:
 
             def hook(g: Any) -> None:
                 with torch.no_grad():
-                    reduced.extend(reduce_gradient(g, variant))
+                    reduced.extend(_torch_gradient(g, variant))
 
             h = features
             for w in weights[:-1]:
                 h = torch.relu(h @ w)
                 if variant != "none":
                     with torch.no_grad():
-                        reduced.extend(reduce_activation(h, variant))
+                        reduced.extend(_torch_activation(h, variant))
                     h.register_hook(hook)
             value = torch.nn.functional.cross_entropy(h @ weights[-1], labels)
             optimizer.zero_grad()
@@ -333,24 +356,6 @@ def torch_resnet50_steps() -> dict[str, Callable[[], object]]:
     features = torch.from_numpy(rng.normal(size=(32, 64, 64, 3)).astype("float32"))
     labels = torch.from_numpy(rng.integers(0, 10, size=(32,))).long()
 
-    def reduce_gradient(g: Any, variant: str) -> list[Any]:
-        if variant != "statistics":
-            return [torch.linalg.vector_norm(g)]
-        magnitude = g.abs()
-        return [
-            torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1),
-            g.sum(),
-            magnitude.sum(),
-            magnitude.max(),
-            magnitude.sign_().sum(),
-        ]
-
-    def reduce_activation(a: Any, variant: str) -> list[Any]:
-        if variant != "statistics":
-            return []
-        units = a.reshape(-1, a.shape[-1])
-        return [a.sum(), torch.linalg.vector_norm(a), units.abs().sign_().sum(0)]
-
     def make(variant: str) -> Callable[[], object]:
         parameters = [v.value for v in model.trainable_variables]
         optimizer = torch.optim.Adam(parameters, lr=LEARNING_RATE, eps=EPSILON)
@@ -360,23 +365,17 @@ def torch_resnet50_steps() -> dict[str, Callable[[], object]]:
 
             def hook(g: Any) -> None:
                 with torch.no_grad():
-                    reduced.extend(reduce_gradient(g, variant))
+                    reduced.extend(_torch_gradient(g, variant))
 
             def tapped(inputs: Any, *args: Any, **kwargs: Any) -> Any:
                 with torch.no_grad():
-                    reduced.extend(reduce_activation(inputs, variant))
+                    reduced.extend(_torch_activation(inputs, variant))
                 output = inputs.view_as(inputs)
                 output.register_hook(hook)
                 return output
 
-            if variant != "none":
-                for probe in probes:
-                    probe.call = tapped
-            try:
+            with probe_calls(probes, tapped if variant != "none" else None):
                 probabilities = model(features, training=True)
-            finally:
-                for probe in probes:
-                    probe.__dict__.pop("call", None)
             value = torch.nn.functional.nll_loss(torch.log(probabilities), labels)
             optimizer.zero_grad()
             value.backward()
