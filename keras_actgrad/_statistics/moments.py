@@ -147,6 +147,23 @@ class Moments:
         return float32(keras.ops.size(self.a))
 
     def a_std(self) -> Tensor:
+        # One pass from the raw moments, E[a^2] - E[a]^2, where that is
+        # accurate: while |mean| <= 2 std (ReLU and tanh outputs), E[a^2] is
+        # at most 5 var, so its float32 rounding costs at most a few ulps of
+        # the variance. Otherwise (e.g. sigmoid outputs bunched near 0.9, or
+        # a non-finite activation) the corrected two-pass form (see
+        # `_two_pass_std`). The same rule as the TensorFlow and PyTorch
+        # moments'.
+        ops = keras.ops
+        mean = self.a_mean()
+        variance = ops.mean(ops.square(self.a)) - ops.square(mean)
+        return ops.cond(
+            ops.square(mean) <= 4.0 * variance,
+            lambda: ops.sqrt(variance),
+            self._two_pass_std,
+        )
+
+    def _two_pass_std(self) -> Tensor:
         # The corrected two-pass algorithm (mean, then the centred moments):
         # activations often have a mean far from 0 relative to their spread
         # (e.g. sigmoid outputs), where E[a^2] - E[a]^2 would cancel. The
