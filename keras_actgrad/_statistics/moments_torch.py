@@ -130,7 +130,7 @@ class TorchMoments(Moments):
         return float(self.a.numel())
 
     def a_std(self) -> Any:
-        return self._get("a_std", lambda: self._std(lambda: self.a - self.a_mean()))
+        return self._std(lambda: self.a - self.a_mean())
 
     def _std(self, centre: Any) -> Any:
         """`a_std`: one pass from the raw moments where that is accurate.
