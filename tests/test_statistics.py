@@ -495,3 +495,29 @@ def test_row_blocks():
     assert all(n % 16 == 0 for n in sizes[:-1])
     for shape in ([64, 256], [16, 100000], [None, 512], [1 << 20]):
         assert row_blocks(tf.TensorShape(shape)) is None, shape
+
+
+@pytest.mark.requires_tensorflow(reason="the TensorFlow moments' unit counts")
+@pytest.mark.parametrize(
+    "shape", [((1 << 20) - 1, 4), (1 << 20, 4), ((1 << 20) + 1, 4), (8, 16, 16, 5)]
+)
+def test_unit_counts_are_exact(shape):
+    # The per-unit nonzero counts behind act_zero_fraction and
+    # dead_unit_fraction, counted exactly on either side of the limit where
+    # TensorFlow counts by a Euclidean norm (a count off by one would be
+    # within the statistics tests' tolerance on a tensor this large).
+    import tensorflow as tf
+
+    from keras_actgrad._statistics.moments_tensorflow import _unit_counts
+
+    rng = np.random.default_rng(len(shape) + shape[0])
+    x = rng.normal(size=shape).astype("float32")
+    x[..., 0][rng.random(shape[:-1]) < 0.3] = 0.0  # about 70% nonzero
+    x[..., 1] = 0.0  # a dead unit...
+    x[..., 2] = 0.0
+    x.reshape(-1, shape[-1])[-1, 2] = -1e-30  # ...and one with one entry
+    # The last unit stays all nonzero: the largest count.
+    counts = _unit_counts(tf.constant(x)).numpy()
+    expected = np.count_nonzero(x.reshape(-1, shape[-1]), axis=0)
+    assert expected[-1] == np.prod(shape[:-1]) and expected[2] == 1
+    assert counts.tolist() == expected.tolist()
