@@ -30,9 +30,9 @@ from keras_actgrad._statistics.statistics import (
     DEFAULT_BINS,
     STATISTICS,
     Reduced,
-    _finish,
     _unpack_histogram,
     check_statistics,
+    finish_rows,
 )
 from keras_actgrad._tags import (
     GLOBAL_GRAD_NORM,
@@ -434,14 +434,14 @@ def unpack(
         raise RuntimeError("Internal error: the monitored step was never traced.")
     statistics: dict[str, dict[str, float]] = {}
     histograms: dict[str, Any] = {}
-    offset = 0
     size = config.row_size()
     moments = config.moments
-    for name in layout.probes:
-        row = vector[offset : offset + size]
-        offset += size
-        values = {m: np.float64(row[j]) for j, m in enumerate(moments)}
-        statistics[name] = {s: _finish(s, values) for s in config.statistics}
+    offset = len(layout.probes) * size
+    table = vector[:offset].reshape(len(layout.probes), size)
+    statistics.update(
+        finish_rows(config.statistics, moments, table[:, : len(moments)], layout.probes)
+    )
+    for name, row in zip(layout.probes, table, strict=True):
         if config.bins:
             width = 2 + config.bins
             start = len(moments)
@@ -464,9 +464,15 @@ def unpack(
         spike = bool(vector[offset] > 0.5)
         if spike:
             full_moments = config.full_moments
+            statistics.update(
+                finish_rows(
+                    STATISTICS,
+                    full_moments,
+                    full[:, : len(full_moments)],
+                    layout.full_probes,
+                )
+            )
             for name, row in zip(layout.full_probes, full, strict=True):
-                values = {m: np.float64(row[j]) for j, m in enumerate(full_moments)}
-                statistics[name] = {s: _finish(s, values) for s in STATISTICS}
                 width = 2 + config.spike_bins
                 start = len(full_moments)
                 histograms[name] = {

@@ -109,7 +109,33 @@ def _finish(name: str, m: dict[str, np.float64]) -> float:
         return float(_closed_form(name, m))
 
 
-def _closed_form(name: str, m: dict[str, np.float64]) -> Any:
+def finish_rows(
+    statistics: Sequence[str],
+    moments: Sequence[str],
+    rows: np.ndarray,
+    names: Sequence[str],
+) -> dict[str, dict[str, float]]:
+    """`_finish` of every row of moments at once: `{name: {statistic: value}}`.
+
+    `rows` holds one row of `moments` per name (float32, as the device
+    returns them). The same float64 operations as `_finish`, on columns
+    (one NumPy call a statistic, not one a probe and statistic: 242 probes
+    took 13 ms an event one by one).
+    """
+    table = np.asarray(rows, dtype=np.float64).reshape(len(names), len(moments))
+    columns = {m: table[:, j] for j, m in enumerate(moments)}
+    with np.errstate(all="ignore"):
+        values = [
+            np.broadcast_to(_closed_form(stat, columns), (len(names),)).tolist()
+            for stat in statistics
+        ]
+    return {
+        name: {stat: column[i] for stat, column in zip(statistics, values, strict=True)}
+        for i, name in enumerate(names)
+    }
+
+
+def _closed_form(name: str, m: dict[str, Any]) -> Any:
     if name == "grad_norm":
         return np.sqrt(m["g_sum_sq"])
     if name == "grad_mean_abs":
@@ -290,14 +316,13 @@ class StatisticsReducer:
                 f"expected {rows + len(weights)} for probes {names} and weight "
                 f"gradients {weights}."
             )
-        statistics: dict[str, dict[str, float]] = {}
         histograms: dict[str, dict[str, tuple[float, float, np.ndarray]]] = {}
         moments = self.moments
         s = len(moments)
+        table = vector[:rows].reshape(len(names), self.row_size)
+        statistics = finish_rows(self.statistics, moments, table[:, :s], names)
         for i, name in enumerate(names):
-            row = vector[i * self.row_size : (i + 1) * self.row_size]
-            values = {m: np.float64(row[j]) for j, m in enumerate(moments)}
-            statistics[name] = {stat: _finish(stat, values) for stat in self.statistics}
+            row = table[i]
             if self.bins:
                 width = 2 + self.bins
                 gradient = row[s : s + width]
