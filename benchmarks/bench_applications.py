@@ -22,7 +22,8 @@ their ranges (30 bins, the callback's default: `pass_histograms`). The
 nothing more, written with TensorFlow's fastest ops as in
 `bench_floor.py`'s `statistics` (per example sums of squares, sum, sum of
 |g|, max |g| and count of nonzeros of each gradient; sum, sum of squares
-and per unit nonzero counts of each activation), without histograms and
+and per unit nonzero counts of each activation, the counts as the
+callback takes them, by the norm of sign(a)), without histograms and
 with them (`pass_statistics_histograms`, the max |g| then from the
 histogram's range). They are the least an event with all statistics can
 cost on this machine with stock TensorFlow kernels.
@@ -143,10 +144,13 @@ def floor(
         return [*reduced, tf.reduce_max(magnitude)]
 
     def reduce_activation(a: Any) -> list[Any]:
+        # Per unit nonzero counts as the squared norm of sign(a): two
+        # passes, as the callback counts them (a sum of sign(|a|) is three).
+        units = tf.math.reduce_euclidean_norm(tf.sign(a), list(range(a.shape.rank - 1)))
         reduced = [
             tf.reduce_sum(a),
             tf.math.reduce_euclidean_norm(a),
-            tf.reduce_sum(tf.sign(tf.abs(a)), list(range(a.shape.rank - 1))),
+            tf.round(tf.square(units)),
         ]
         return [*reduced, histogram(a)] if histograms else reduced
 
