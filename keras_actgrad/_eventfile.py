@@ -24,7 +24,7 @@ import dataclasses
 import json
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -41,20 +41,20 @@ def records(path: str) -> Iterator[bytes]:
     if "://" in path:  # remote file systems through TensorBoard's gfile
         from tensorboard.compat import tf
 
-        with tf.io.gfile.GFile(path, "rb") as remote:
-            data = remote.read()
+        opened: Any = tf.io.gfile.GFile(path, "rb")
     else:
-        with open(path, "rb") as file:
-            data = file.read()
-    offset, size = 0, len(data)
-    while offset + 12 <= size:
-        (length, _) = _HEADER.unpack_from(data, offset)
-        start = offset + 12
-        end = start + length
-        if end + 4 > size:
-            break
-        yield data[start:end]
-        offset = end + 4
+        opened = open(path, "rb", buffering=1 << 20)  # noqa: SIM115 - closed below
+    with opened as file:
+        read = file.read
+        while True:
+            header = read(12)
+            if len(header) < 12:
+                return
+            (length, _) = _HEADER.unpack(header)
+            data = read(length)
+            if len(data) < length or len(read(4)) < 4:
+                return
+            yield data
 
 
 @dataclasses.dataclass
@@ -110,13 +110,15 @@ def _text(value: Any) -> Any:
         return None
 
 
-def read_file(path: str) -> EventFile:
-    """Reads one event file (see `EventFile`)."""
+def read_file(path: str, keep: Callable[[str], bool] | None = None) -> EventFile:
+    """Reads one event file (see `EventFile`); of the packed rows, only the
+    columns whose name `keep` accepts (all without `keep`)."""
     from tensorboard.compat.proto import event_pb2
 
     out = EventFile()
     plugins: dict[str, str] = {}  # metadata comes with a tag's first value only
     columns: list[str] = []
+    chosen: np.ndarray | None = None
     parse = event_pb2.Event.FromString
     for record in records(path):
         event = parse(record)
@@ -124,21 +126,27 @@ def read_file(path: str) -> EventFile:
             continue
         values = event.summary.value
         step = int(event.step)
-        if values and values[0].tag == STEP_VALUES_TAG:
-            packed = values[0].tensor.tensor_content
+        packed = bool(values) and values[0].tag == STEP_VALUES_TAG
+        if packed:
+            row = np.frombuffer(values[0].tensor.tensor_content, "<f8")
             if len(values) > 1 and values[1].tag == STEP_COLUMNS_TAG:
                 columns = list(_text(values[1]) or [])
+                chosen = None
+                if keep is not None:
+                    chosen = np.asarray(
+                        [i for i, name in enumerate(columns) if keep(name)], np.intp
+                    )
+                    columns = [columns[i] for i in chosen]
             out.steps.append(step)
-            out.rows.append(np.frombuffer(packed, "<f8"))
+            out.rows.append(row if chosen is None else row[chosen[chosen < row.size]])
             out.columns.append(columns)
-            # The other values of a packed event repeat packed columns, but
-            # texts (the probe order) are kept.
-            for value in values[2:]:
-                if value.metadata.plugin_data.plugin_name == "text":
-                    out.texts[value.tag] = _text(value)
-            continue
+            if len(values) < 2 or values[1].tag != STEP_COLUMNS_TAG:
+                # Texts change only with the columns (see `_tensorboard.py`).
+                continue
         for value in values:
             tag = value.tag
+            if packed and tag.startswith("actgrad_step."):
+                continue  # repeats a packed column
             plugin = value.metadata.plugin_data.plugin_name
             if plugin:
                 plugins[tag] = plugin
@@ -146,7 +154,7 @@ def read_file(path: str) -> EventFile:
                 plugin = plugins.get(tag, "")
             if plugin == "text":
                 out.texts[tag] = _text(value)
-            elif plugin in ("scalars", ""):
+            elif plugin in ("scalars", "") and not packed:
                 number = _scalar_value(value)
                 if number is not None:
                     out.scalars.setdefault(tag, {})[step] = number
@@ -163,11 +171,15 @@ def event_files(directory: str) -> list[str]:
     )
 
 
-def table(files: list[EventFile]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """`(steps, {column: values})` of the packed rows of `files`, in order.
+def table(
+    files: list[EventFile],
+) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """`(steps, {column: values}, {column: present})` of the packed rows of
+    `files`, in order.
 
     A column missing from some rows (a spike step's extra statistics) is NaN
-    there. Columns keep the order they first appear in.
+    there, and `present` holds its mask (columns in every row have none).
+    Columns keep the order they first appear in.
     """
     steps: list[int] = []
     names: dict[str, None] = {}
@@ -180,14 +192,21 @@ def table(files: list[EventFile]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
                 names.update(dict.fromkeys(columns))
             groups[-1][1].append(row)
     index = {name: i for i, name in enumerate(names)}
-    out = np.full((len(steps), len(names)), np.nan)
+    out = np.full((len(names), len(steps)), np.nan)  # a column per row
+    present = np.zeros((len(names), len(steps)), bool)
     start = 0
     for columns, rows in groups:
         block = np.stack(rows) if rows else np.zeros((0, len(columns)))
         width = min(block.shape[1], len(columns))
         where = [index[name] for name in columns[:width]]
-        out[start : start + len(rows), where] = block[:, :width]
+        out[where, start : start + len(rows)] = block[:, :width].T
+        present[where, start : start + len(rows)] = True
         start += len(rows)
-    return np.asarray(steps, np.int64), {
-        name: out[:, i] for name, i in index.items()
+    masks = {
+        name: present[i] for name, i in index.items() if not present[i].all()
     }
+    return (
+        np.asarray(steps, np.int64),
+        {name: out[i] for name, i in index.items()},
+        masks,
+    )

@@ -464,7 +464,7 @@ class GradientMonitor(keras.callbacks.Callback):
         if self._log_files and self._logs_complete:
             from keras_actgrad._eventfile import read_file, table
 
-            steps, read = table([read_file(path) for path in self._log_files])
+            steps, read, _ = table([read_file(path) for path in self._log_files])
             return {"epoch": read.pop("epoch"), "step": steps, **read}
         columns = to_columns(self.events, "step", ("step",))
         columns[GLOBAL_GRAD_NORM] = np.asarray(

@@ -365,14 +365,14 @@ class EventWriter:
             )
             self._order_written = list(probe_order)
         self._add_layout(summary, kind, statistics, probe_order)
+        if self.thresholds and (kind == "epoch" or THRESHOLDS_TAG not in self._tagged):
+            self._add(
+                summary,
+                THRESHOLDS_TAG,
+                self._plugin_metadata("text"),
+                _string(json.dumps(self.thresholds, sort_keys=True)),
+            )
         if kind == "epoch":
-            if self.thresholds:
-                self._add(
-                    summary,
-                    THRESHOLDS_TAG,
-                    self._plugin_metadata("text"),
-                    _string(json.dumps(self.thresholds, sort_keys=True)),
-                )
             image = self._profile_image(step, reduced, probe_order)
             if image is not None:
                 self._add(
