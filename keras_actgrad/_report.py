@@ -539,6 +539,13 @@ def load_report(log_dir: str, kind: str | None = None) -> Report:
             return Report(
                 log_dir, probes, steps, step_values, {}, thresholds, kind="step"
             )
+    if kind == "epoch" and any(contents.steps for contents in read):
+        if not any(_kind(tag) == "epoch" for tag, series in scalars.items() if series):
+            raise ValueError(
+                f"No keras-actgrad epoch events in '{log_dir}': it holds the step "
+                "events of a `GradientMonitor`. Pass kind='step' (or None). "
+                f"Received: log_dir='{log_dir}', kind='epoch'."
+            )
     if not any(parse_summary_tag(tag) for tag in scalars):
         raise ValueError(
             f"No keras-actgrad events in '{log_dir}': the event files in '{path}' "
