@@ -16,8 +16,18 @@ from typing import Any
 from tensorboard.plugins import base_plugin
 
 
+# Points of the `actgrad` plugin's tensors (the monitor's packed step
+# values) TensorBoard keeps per run, unless `--samples_per_plugin` says.
+SAMPLES = 1000
+
+
 class ActgradLoader(base_plugin.TBLoader):
     """Loads `ActgradPlugin` when TensorBoard builds its plugins."""
+
+    def fix_flags(self, flags: Any) -> None:
+        samples = getattr(flags, "samples_per_plugin", None)
+        if isinstance(samples, dict):
+            samples.setdefault("actgrad", SAMPLES)
 
     def load(self, context: Any) -> Any:
         from keras_actgrad._dashboard.plugin import ActgradPlugin
