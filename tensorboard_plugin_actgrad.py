@@ -15,7 +15,6 @@ from typing import Any
 
 from tensorboard.plugins import base_plugin
 
-
 # Points of the `actgrad` plugin's tensors (the monitor's packed step
 # values) TensorBoard keeps per run, unless `--samples_per_plugin` says.
 SAMPLES = 1000

@@ -279,9 +279,7 @@ def main() -> None:
         )
         results["report_startup_seconds"] = min(timed(code)[0] for _ in range(3))
         results["report_startup_imports"] = timed(code)[1].splitlines()[-1]
-        results["cli_seconds"] = min(
-            timed_cli(small) for _ in range(3)
-        )
+        results["cli_seconds"] = min(timed_cli(small) for _ in range(3))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(results, indent=2, default=str))
@@ -296,7 +294,9 @@ def timed_cli(log_dir: str) -> float:
         return float("nan")
     env = dict(os.environ, PYTHONPATH=ROOT)
     start = time.perf_counter()
-    subprocess.run([script, "report", log_dir], capture_output=True, env=env, check=True)
+    subprocess.run(
+        [script, "report", log_dir], capture_output=True, env=env, check=True
+    )
     return time.perf_counter() - start
 
 

@@ -202,9 +202,7 @@ def table(
         out[where, start : start + len(rows)] = block[:, :width].T
         present[where, start : start + len(rows)] = True
         start += len(rows)
-    masks = {
-        name: present[i] for name, i in index.items() if not present[i].all()
-    }
+    masks = {name: present[i] for name, i in index.items() if not present[i].all()}
     return (
         np.asarray(steps, np.int64),
         {name: out[i] for name, i in index.items()},

@@ -4,7 +4,8 @@
 `<log_dir>/actgrad/`: one scalar per probe and statistic at every probed
 epoch (tag `actgrad.<statistic>/<probe>`, step = 0-based epoch; the tags of
 keras-actgrad 0.1, `actgrad/<probe>/<statistic>`, are read too), and the
-probes' forward order as the text summary `actgrad/probe_order`. `GradientMonitor(log_dir=...)` writes its step events there too, every
+probes' forward order as the text summary `actgrad/probe_order`.
+`GradientMonitor(log_dir=...)` writes its step events there too, every
 value of a step packed in one tensor (see `_tensorboard.py`); a log directory
 without epoch events is reported by step. This module reads them
 (`_eventfile`: without TensorFlow or Keras, so that the report starts fast)
@@ -19,7 +20,6 @@ import dataclasses
 import fnmatch
 import html
 import io
-import json
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 
-from keras_actgrad import _alerts
 from keras_actgrad._eventfile import EventFile, event_files, read_file, table
 from keras_actgrad._plots import number, plot_heatmap
 from keras_actgrad._tags import (
@@ -398,7 +397,9 @@ class _Series(Mapping[int, float]):
     def __iter__(self) -> Iterator[int]:
         if self.present is None:
             return iter(self.steps)
-        return (step for step, here in zip(self.steps, self.present) if here)
+        return (
+            step for step, here in zip(self.steps, self.present, strict=True) if here
+        )
 
     def __len__(self) -> int:
         return len(self.steps) if self.present is None else int(self.present.sum())

@@ -224,13 +224,9 @@ class ActgradPlugin(base_plugin.TBPlugin):
             raise errors.NotFoundError(
                 f"run {run!r} has no step events of statistic {statistic!r}"
             )
-        points = sorted(
-            data.get(_tags.STEP_VALUES_TAG, []), key=lambda p: int(p.step)
-        )
+        points = sorted(data.get(_tags.STEP_VALUES_TAG, []), key=lambda p: int(p.step))
         steps = [int(p.step) for p in points]
-        values = [
-            [float(p.numpy[offset]) for p in points] for offset, _ in weights
-        ]
+        values = [[float(p.numpy[offset]) for p in points] for offset, _ in weights]
         return {
             "run": run,
             "kind": "step",
