@@ -22,8 +22,10 @@ weight gradients, `max_events=1000`).
    `GradientMonitor`-style `to_numpy` reading of the whole run; and the
    dashboard: a `tensorboard --logdir LOGDIR` server started, then its
    `actgrad` heatmap route polled until it serves the run's last step
-   (`--load_fast=false`, TensorBoard's Python loader, and `--load_fast=true`,
-   its Rust data server).
+   (`--load_fast=true`, TensorBoard's Rust data server, its default where
+   installed; with `--python-loader` also `--load_fast=false`, its Python
+   loader). Wall seconds, and CPU seconds of the processes (the machine is
+   shared: the load average is printed with them).
 4. **Start-up.** `keras-actgrad report` on a small log: wall time, and
    whether TensorFlow or Keras was imported.
 
@@ -41,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -173,16 +176,41 @@ def write_synthetic(monitor: keras_actgrad.GradientMonitor, log_dir: str, steps:
     writer.close()
 
 
-def timed(code: str) -> tuple[float, str]:
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(code: str, cpu: dict[str, float] | None = None) -> tuple[float, str]:
+    """Wall seconds of `python -c code` (its CPU seconds into `cpu["cpu"]`)."""
     env = dict(os.environ, PYTHONPATH=ROOT)
+    before = children_cpu()
     start = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env
     )
     seconds = time.perf_counter() - start
+    if cpu is not None:
+        cpu["cpu"] = children_cpu() - before
     if result.returncode:
         raise RuntimeError(result.stderr[-2000:])
     return seconds, result.stdout + result.stderr
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds used so far by process `pid` and its descendants."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            fields = file.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as file:
+                total += sum(tree_cpu(int(child)) for child in file.read().split())
+    except OSError:
+        pass
+    return total
 
 
 def free_port() -> int:
@@ -191,8 +219,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def dashboard_seconds(log_dir: str, last_step: int, load_fast: str) -> float:
-    """From starting `tensorboard` to the heatmap route serving `last_step`."""
+def dashboard_seconds(
+    log_dir: str, last_step: int, load_fast: str
+) -> tuple[float, float]:
+    """From starting `tensorboard` to the heatmap route serving `last_step`:
+    wall seconds, and CPU seconds of the server and its data server."""
     port = free_port()
     env = dict(os.environ, PYTHONPATH=ROOT)
     start = time.perf_counter()
@@ -213,11 +244,11 @@ def dashboard_seconds(log_dir: str, last_step: int, load_fast: str) -> float:
                 with urllib.request.urlopen(url, timeout=30) as response:
                     data = json.loads(response.read())
                 if data["steps"] and data["steps"][-1] == last_step:
-                    return time.perf_counter() - start
+                    return time.perf_counter() - start, tree_cpu(server.pid)
             except OSError:
                 pass
             time.sleep(0.2)
-        return float("nan")
+        return float("nan"), tree_cpu(server.pid)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -228,6 +259,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--long", type=int, default=100_000)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--long-only",
+        action="store_true",
+        help="skip the memory runs (a 20-step fit gives the log's layout)",
+    )
+    parser.add_argument("--python-loader", action="store_true")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.long = 1500, 5000
@@ -237,7 +274,10 @@ def main() -> None:
         "keras": keras.__version__,
     }
     try:
-        for name, max_events in (("max_events=1000", 1000), ("max_events=None", None)):
+        configurations = [("max_events=1000", 1000), ("max_events=None", None)]
+        if args.long_only:
+            args.steps, configurations = 20, configurations[:1]
+        for name, max_events in configurations:
             run = long_fit(args.steps, max_events, os.path.join(work, name))
             monitor = run.pop("monitor")
             run.pop("model")
@@ -249,27 +289,37 @@ def main() -> None:
         results["long_write_seconds"] = time.perf_counter() - start
         results["long_bytes_per_step"] = directory_bytes(long_dir) / args.long
         print("written", args.long, "steps", flush=True)
+        cpu: dict[str, float] = {}
+        results["loadavg_before_reading"] = os.getloadavg()
         report, output = timed(
             "import sys; from keras_actgrad.__main__ import main; "
-            f"sys.argv = ['keras-actgrad', 'report', {long_dir!r}]; sys.exit(main())"
+            f"sys.argv = ['keras-actgrad', 'report', {long_dir!r}]; sys.exit(main())",
+            cpu,
         )
         results["report_command_seconds"] = report
+        results["report_command_cpu_seconds"] = cpu["cpu"]
         results["report_output_head"] = output.splitlines()[:3]
         results["load_report_seconds"], _ = timed(
             "import time; t = time.perf_counter(); import keras_actgrad; "
             f"r = keras_actgrad.load_report({long_dir!r}); "
-            "print(len(r.epochs)); r.table(); r.alerts()"
+            "print(len(r.epochs)); r.table(); r.alerts()",
+            cpu,
         )
+        results["load_report_cpu_seconds"] = cpu["cpu"]
         results["to_numpy_seconds"], _ = timed(
             "from keras_actgrad._eventfile import event_files, read_file, table; "
             f"files = event_files({os.path.join(long_dir, 'actgrad')!r}); "
             "steps, columns, _ = table([read_file(f) for f in files]); "
-            "print(len(steps), len(columns))"
+            "print(len(steps), len(columns))",
+            cpu,
         )
-        for load_fast in ("false", "true"):
-            results[f"dashboard_seconds_load_fast_{load_fast}"] = dashboard_seconds(
-                long_dir, args.long, load_fast
-            )
+        results["to_numpy_cpu_seconds"] = cpu["cpu"]
+        loaders = ("true", "false") if args.python_loader else ("true",)
+        for load_fast in loaders:
+            wall, used = dashboard_seconds(long_dir, args.long, load_fast)
+            results[f"dashboard_seconds_load_fast_{load_fast}"] = wall
+            results[f"dashboard_cpu_seconds_load_fast_{load_fast}"] = used
+        results["loadavg_after_reading"] = os.getloadavg()
         small = os.path.join(work, "max_events=1000")
         code = (
             "import sys; from keras_actgrad.__main__ import main; "

@@ -95,9 +95,12 @@ class GradientMonitor(keras.callbacks.Callback):
     setups are refused in `on_train_begin`.
 
     Where the numbers go: `events` (kind `"step"`, `step` = global step
-    after the update), TensorBoard (`<log_dir>/actgrad/`, prefixes
-    `actgrad_step/` and `actgrad_weights_step/`, step = global step), and the
-    alerts of `ActivationGradientCallback` (non-finite, vanishing,
+    after the update; the last `max_events`), TensorBoard
+    (`<log_dir>/actgrad/`, step = global step: the global norm and the
+    probes' statistics as scalars `actgrad_step.<statistic>/<probe>`, and
+    every value, the weights' norms too, packed in one tensor per step,
+    which `to_numpy`, `load_report` and the `actgrad` dashboard read), and
+    the alerts of `ActivationGradientCallback` (non-finite, vanishing,
     exploding). Nothing goes to `logs` or the progress bar.
 
     Args:

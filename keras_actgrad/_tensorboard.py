@@ -19,9 +19,18 @@ tag is built in `_tags.py`):
   a float64 `[k, 3]` tensor of (left edge, right edge, count) with the
   `histograms` plugin metadata, as `tf.summary.histogram` writes it.
 - scalars `<weights prefix>.grad_norm/<variable path>`.
+- the monitor's step events (`packed`): first in the event, every value of
+  the step in one float64 tensor `actgrad_step/values` (plugin `actgrad`),
+  then, whenever they change, the JSON list of its column names (the
+  `to_numpy` keys) as a string tensor `actgrad_step/columns`; the event's
+  scalars repeat the headline columns (`_eventfile.py` reads it).
 - text `actgrad/probe_order` (epoch events, and any event whose probe order
   differs from the last one written): a JSON list of probe names in
-  forward order; text `actgrad/alert_thresholds` (epoch events).
+  forward order; text `actgrad/alert_thresholds` (epoch events, and the
+  first event of the file).
+
+A tag's metadata is written with its first value in the file only, as
+TensorFlow's writers do (TensorBoard keeps the first one).
 - a Custom Scalars layout (`_layout.py`: every probe of a statistic on one
   chart) with the first event of each kind, and again whenever the probes
   or the kinds change (TensorBoard shows the last one).
