@@ -25,7 +25,8 @@ weight gradients, `max_events=1000`).
    (`--load_fast=true`, TensorBoard's Rust data server, its default where
    installed; with `--python-loader` also `--load_fast=false`, its Python
    loader). Wall seconds, and CPU seconds of the processes (the machine is
-   shared: the load average is printed with them).
+   shared: the load average is printed with them); the same on a 10-step
+   log gives TensorBoard's own start-up.
 4. **Start-up.** `keras-actgrad report` on a small log: wall time, and
    whether TensorFlow or Keras was imported.
 
@@ -129,7 +130,11 @@ def long_fit(steps: int, max_events: int | None, log_dir: str) -> dict[str, obje
         else float("nan")
     )
     total = directory_bytes(log_dir)
-    marginal = (rows[-1][2] - rows[0][2]) / (rows[-1][0] - rows[0][0])
+    marginal = (
+        (rows[-1][2] - rows[0][2]) / (rows[-1][0] - rows[0][0])
+        if len(rows) > 1
+        else float("nan")
+    )
     return {
         "monitor": monitor,
         "model": model,
@@ -319,6 +324,12 @@ def main() -> None:
             wall, used = dashboard_seconds(long_dir, args.long, load_fast)
             results[f"dashboard_seconds_load_fast_{load_fast}"] = wall
             results[f"dashboard_cpu_seconds_load_fast_{load_fast}"] = used
+        # TensorBoard's own start-up: the same on a 10-step log.
+        tiny_dir = os.path.join(work, "tiny")
+        write_synthetic(monitor, tiny_dir, 10)
+        wall, used = dashboard_seconds(tiny_dir, 10, "true")
+        results["dashboard_seconds_10_steps"] = wall
+        results["dashboard_cpu_seconds_10_steps"] = used
         results["loadavg_after_reading"] = os.getloadavg()
         small = os.path.join(work, "max_events=1000")
         code = (
