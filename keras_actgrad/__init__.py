@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import importlib
-import sys
 from typing import TYPE_CHECKING, Any
+
+from keras_actgrad._registration import register_probes
 
 if TYPE_CHECKING:
     from keras_actgrad._callback import ActivationGradientCallback
@@ -73,8 +74,6 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-# A saved model's probes deserialize by their registered name, which the
-# probe module registers: with Keras already imported that costs nothing, so
-# `import keras, keras_actgrad` then `keras.saving.load_model` keeps working.
-if "keras" in sys.modules:
-    importlib.import_module("keras_actgrad._probe")
+# A saved model's probes deserialize by the name the probe module registers:
+# registered now if Keras is imported, else as soon as it is.
+register_probes()
