@@ -274,8 +274,11 @@ class TensorFlowAdapter:
         # add to one count and end in its "retracing ... creating
         # @tf.function repeatedly in a loop" warning, which blames the
         # user. A `functools.partial` has no `__code__`: the count is then
-        # per pass, and a retracing warning means what it says.
-        function = tf.function(functools.partial(step))
+        # per pass, and a retracing warning means what it says. No
+        # AutoGraph, as Keras compiles its own train function
+        # (`do_not_convert`): the model runs as it trains, and converting
+        # every function the trace calls cost more than the trace itself.
+        function = tf.function(functools.partial(step), autograph=False)
 
         def run(x: Any, y: Any, sample_weight: Any, inputs: Any = None) -> Any:
             scale = tf.constant(loss_scale(model), tf.float32)
