@@ -15,6 +15,7 @@ import keras
 import tensorflow as tf
 
 from keras_actgrad._backends.base import keras_train_function
+from keras_actgrad._statistics.moments import xla_compatible
 
 
 class TensorFlowStepHooks:
@@ -57,4 +58,13 @@ class TensorFlowStepHooks:
     def make_train_function(
         model: keras.Model, train_step: Callable[..., Any]
     ) -> Callable[..., Any]:
-        return keras_train_function(model, train_step)
+        # Keras compiles the step with XLA when `model.jit_compile` (its
+        # "auto" resolves to True on a machine with a GPU): the statistics
+        # then use only ops XLA compiles.
+        jit = bool(model.jit_compile) and not model.run_eagerly
+
+        def step(*args: Any) -> Any:
+            with xla_compatible(jit):
+                return train_step(*args)
+
+        return keras_train_function(model, step)
