@@ -19,6 +19,7 @@ from keras_actgrad._statistics.moments import xla_compatible
 
 
 class TensorFlowStepHooks:
+    end_of_data = (StopIteration, tf.errors.OutOfRangeError)
     stateless = False
 
     @staticmethod
