@@ -327,7 +327,8 @@ class GradientMonitor(keras.callbacks.Callback):
             iterator = args[-1]
             out: Any = None
             for k, (monitored, histograms) in enumerate(plan):
-                function = self._monitored(histograms) if monitored else self._plain_step
+                plain = self._plain_step
+                function = self._monitored(histograms) if monitored else plain
                 self._step = index + k + 1
                 try:
                     if stateless:

@@ -19,7 +19,12 @@ import keras
 import numpy as np
 
 from keras_actgrad._context import tapping
-from keras_actgrad._layers import Site, selection_key, tapping_layers
+from keras_actgrad._layers import (
+    Site,
+    remat_outside_taps,
+    selection_key,
+    tapping_layers,
+)
 from keras_actgrad._statistics.moments import Moments
 
 Tensor: TypeAlias = Any
@@ -222,11 +227,12 @@ def forward(
     The taps are the model's `GradientProbe`s, or, if `sites` are given,
     the outputs of those layers only (the probes then pass through).
     """
-    if not sites:
-        with tapping(tap):
+    with remat_outside_taps(model, sites):
+        if not sites:
+            with tapping(tap):
+                return model(x, training=training)
+        with tapping_layers(sites, tap):
             return model(x, training=training)
-    with tapping_layers(sites, tap):
-        return model(x, training=training)
 
 
 # Mixed precision: the loss scale of a pass with float16 taps.

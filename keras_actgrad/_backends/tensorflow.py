@@ -165,9 +165,7 @@ class TensorFlowAdapter:
             with xla_compatible(jit):
                 return traced(x, y, sample_weight, scale, inputs)
 
-        def traced(
-            x: Any, y: Any, sample_weight: Any, scale: Any, inputs: Any
-        ) -> Any:
+        def traced(x: Any, y: Any, sample_weight: Any, scale: Any, inputs: Any) -> Any:
             reducer = config.reducer
             # A reducer that takes the pass's `inputs` (the chunked one) is
             # called on the whole pass.

@@ -459,8 +459,7 @@ class _FiniteBlocks:
         if name == "_sample_norms":
             rank = self.g_blocks[0].shape.rank
             norms = [
-                _euclidean_norm(b, axis=list(range(1, rank)))
-                for b in self.g_blocks
+                _euclidean_norm(b, axis=list(range(1, rank))) for b in self.g_blocks
             ]
             return tf.concat(norms, 0) if len(norms) > 1 else norms[0]
         if name == "g_size":
@@ -505,16 +504,12 @@ class _FiniteBlocks:
     def _a_std(self) -> Any:
         size = self.a_entries
         mean = self.moment("a_mean")
-        squares = self._sum(
-            [tf.square(_euclidean_norm(b)) for b in self.a_blocks]
-        )
+        squares = self._sum([tf.square(_euclidean_norm(b)) for b in self.a_blocks])
         variance = squares / size - tf.square(mean)
 
         def two_pass() -> Any:
             centred = [b - mean for b in self.a_blocks]
-            centred_sq = self._sum(
-                [tf.square(_euclidean_norm(c)) for c in centred]
-            )
+            centred_sq = self._sum([tf.square(_euclidean_norm(c)) for c in centred])
             shift = self._sum([tf.reduce_sum(c) for c in centred]) / size
             return tf.sqrt(tf.maximum(centred_sq / size - tf.square(shift), 0.0))
 
