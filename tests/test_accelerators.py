@@ -74,7 +74,8 @@ def test_monitor_under_xla_equals_a_replay() -> None:
 
 
 def _mse(y_true: object, y_pred: object) -> object:
-    return keras.ops.mean(keras.ops.square(y_pred - y_true))
+    y_true = keras.ops.convert_to_tensor(y_true)
+    return keras.ops.mean(keras.ops.square(keras.ops.subtract(y_pred, y_true)))
 
 
 def _in_place_against_reference(
@@ -135,7 +136,10 @@ def test_keras_remat_attribute() -> None:
     assert keras.layers.Dense(2)._remat_mode is None
 
 
-@REMAT_BACKENDS
+@pytest.mark.skipif(
+    BACKEND != "jax",
+    reason="the replay by hand (_monitor_replay.py) runs on TensorFlow and JAX",
+)
 def test_monitor_under_remat_equals_a_replay() -> None:
     # Probes created inside the scope (rematerialized themselves).
     events, model = _monitored_against_replay(_remat_build)
