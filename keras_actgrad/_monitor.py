@@ -88,6 +88,14 @@ class GradientMonitor(keras.callbacks.Callback):
     0 (Keras skips it on TensorFlow and PyTorch; on JAX it applies a zero
     gradient, which an optimizer's weight decay or momentum may still move).
 
+    Compile modes: a step compiled with XLA (`jit_compile=True`, Keras's
+    "auto" on a TensorFlow GPU machine) computes the statistics with ops
+    XLA compiles; a model built under `keras.RematScope` keeps every tap
+    outside the rematerialized calls; with `steps_per_execution` > 1, an
+    execution that holds a monitored step runs its steps one call each and
+    every monitored step is reported at its own global step (one without
+    runs Keras's function untouched). See docs/guides/accelerators.md.
+
     Distribution: under `tf.distribute.MirroredStrategy` (TensorFlow) and
     `keras.distribution.DataParallel` or `ModelParallel` (JAX, one process)
     the values are those of the global batch, equal to one device's: each

@@ -19,7 +19,10 @@ from keras_actgrad._statistics.moments import xla_compatible
 
 
 class TensorFlowStepHooks:
-    end_of_data = (StopIteration, tf.errors.OutOfRangeError)
+    end_of_data: tuple[type[BaseException], ...] = (
+        StopIteration,
+        tf.errors.OutOfRangeError,
+    )
     stateless = False
 
     @staticmethod
