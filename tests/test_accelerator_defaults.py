@@ -72,8 +72,9 @@ def test_monitor_at_accelerator_defaults_equals_a_replay() -> None:
         # reports the non-finite gradient the step computed (no spike).
         assert not any(e["spike"] for e in events)
         assert not np.isfinite(events[-1]["global_grad_norm"])
-        # float16 layers against a float32 twin: float16 rounding.
-        assert replay.compare(events[:7], reference_steps[:7]) < 3e-2
+        # float16 layers against a float32 twin: float16 rounding (measured:
+        # at most 7e-4).
+        assert replay.compare(events[:7], reference_steps[:7]) < 3e-3
     else:
         assert [e["step"] for e in events if e["spike"]] == [8]
         assert replay.compare(events, reference_steps) < 1e-4
