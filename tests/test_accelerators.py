@@ -279,3 +279,33 @@ def test_callback_batch_freq_counts_steps_run() -> None:
     # Every execution that crosses a multiple of 2, at the step it ends on.
     assert steps.iterations == [3, 6, 8, 11, 14, 16]
     assert batches == steps.iterations
+
+
+class _RematBlock(keras.layers.Layer):
+    """A block whose call rematerializes a function holding a probe."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(8, activation="tanh")
+        self.probe = keras_actgrad.GradientProbe(name="inner")
+
+    def call(self, x: object) -> object:
+        return keras.remat(lambda h: self.probe(self.dense(h)))(x)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="a JAX checkpoint's tracers")
+def test_a_probe_inside_keras_remat_is_a_clear_error() -> None:
+    inputs = keras.Input((4,))
+    outputs = keras.layers.Dense(1)(_RematBlock(name="block")(inputs))
+    model = keras.Model(inputs, outputs)
+    model.compile("sgd", "mse")
+    x, y = np.ones((8, 4), "float32"), np.ones((8, 1), "float32")
+    with pytest.raises(ValueError, match=r"keras\.remat.*Received") as error:
+        keras_actgrad.activation_gradients(model, x, y)
+    assert "layers=[...]" in str(error.value)
+    # The alternative the error names works: the block measured in place.
+    sites = {s.name: s.layer for s in select_layers(model, ["block"])}
+    check(
+        keras_actgrad.activation_gradients(model, x, y, layers=["block"]),
+        reference(model, x, y, _mse, sites),
+    )
