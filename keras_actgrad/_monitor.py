@@ -229,6 +229,7 @@ class GradientMonitor(keras.callbacks.Callback):
         _check_model(model, probes=not sites)
         if self._steps_model is not model or self._sites != sites:
             self._steps = {}
+            self._plain_step = None
             self._steps_model = model
             self._sites = sites
         self._plain = model.train_function
@@ -325,7 +326,7 @@ class GradientMonitor(keras.callbacks.Callback):
         model = self._fit_model
         if not any(monitored for monitored, _ in plan):
             model.train_function = self._plain
-            self._step = index + self._execution
+            self._step = index + size
             return
         hooks = step_hooks()
         stateless = hooks.stateless
