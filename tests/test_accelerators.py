@@ -136,11 +136,6 @@ REMAT_BACKENDS = pytest.mark.skipif(
 )
 
 
-def _remat_build() -> keras.Model:
-    with keras.RematScope(mode="full"):
-        return replay.build()
-
-
 def test_keras_remat_attribute() -> None:
     # `remat_outside_taps` reads Keras 3.15.1's private `_remat_mode`.
     with keras.RematScope(mode="full"):
@@ -149,14 +144,8 @@ def test_keras_remat_attribute() -> None:
     assert keras.layers.Dense(2)._remat_mode is None
 
 
-@pytest.mark.skipif(
-    BACKEND != "jax",
-    reason="the replay by hand (_monitor_replay.py) runs on TensorFlow and JAX",
-)
-def test_monitor_under_remat_equals_a_replay() -> None:
-    # Probes created inside the scope (rematerialized themselves).
-    events, model = _monitored_against_replay(_remat_build)
-    assert model.get_layer("p1")._remat_mode is not None  # left as it was
+# The monitor under remat against the replay, bit for bit, with every
+# statistic, histograms and spikes: tests/test_accelerator_defaults.py (JAX).
 
 
 @REMAT_BACKENDS
@@ -207,11 +196,14 @@ def test_monitor_with_steps_per_execution_equals_a_replay() -> None:
 
 
 @EXECUTION_BACKENDS
-def test_monitor_schedule_inside_executions() -> None:
+@pytest.mark.parametrize("every", [3, 5])
+def test_monitor_schedule_inside_executions(every: int) -> None:
+    # 8 steps an epoch in executions of 3, 3, 2; every 5 steps, some
+    # executions hold no monitored step and run Keras's own function.
     runs = {}
     for steps in (1, 3):
         model = _recompile(replay.build(), steps_per_execution=steps)
-        monitor = keras_actgrad.GradientMonitor(3)
+        monitor = keras_actgrad.GradientMonitor(every)
         model.fit(
             replay.X,
             replay.Y,
@@ -223,7 +215,7 @@ def test_monitor_schedule_inside_executions() -> None:
         )
         assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 16
         runs[steps] = monitor.events
-    assert [e["step"] for e in runs[3]] == [1, 4, 7, 10, 13, 16]
+    assert [e["step"] for e in runs[3]] == list(range(1, 17, every))
     for a, b in zip(runs[1], runs[3], strict=True):
         assert a["global_grad_norm"] == pytest.approx(b["global_grad_norm"], rel=1e-6)
 
