@@ -356,7 +356,12 @@ class ActivationGradientCallback(keras.callbacks.Callback):
         # callback overrides a batch hook, so without `batch_freq` the
         # callback leaves the hook alone and costs nothing between epochs.
         previous = self._step
-        self._step = self._epoch_start_step + int(batch) + 1
+        # With `steps_per_execution` > 1, Keras (3.11 and later) passes the
+        # last step of the execution, which for the last execution of an
+        # epoch can be past the epoch's end: the steps really run count.
+        steps = (self.params or {}).get("steps")
+        batch = int(batch) if not steps else min(int(batch), int(steps) - 1)
+        self._step = self._epoch_start_step + batch + 1
         if (
             self.batch_freq
             and self._step // self.batch_freq > previous // self.batch_freq

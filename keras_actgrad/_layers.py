@@ -252,6 +252,73 @@ def _tapped_call(original: Callable[..., Any], site: Site, tap: Any) -> Any:
 _ABSENT = object()
 
 
+def _tapped_remat(original: Callable[..., Any], site: Site, tap: Any) -> Any:
+    """`rematerialized_call` whose function taps the output of the remat'd call."""
+
+    def rematerialized_call(function: Any, *args: Any, **kwargs: Any) -> Any:
+        return _tapped_call(original(function, *args, **kwargs), site, tap)
+
+    return rematerialized_call
+
+
+# Keras 3.15.1 `Operation.__init__` keeps a layer's `keras.RematScope` mode
+# in the private `_remat_mode` (no public twin), which `Operation.__call__`
+# reads at every call to wrap `call` in `rematerialized_call`.
+# tests/test_accelerators.py `test_keras_remat_attribute` fails if it moves.
+_REMAT = "_remat_mode"
+
+
+@contextlib.contextmanager
+def remat_outside_taps(
+    model: keras.layers.Layer, sites: Sequence[Site] = ()
+) -> Iterator[None]:
+    """Keeps every tap of a pass outside rematerialized (checkpointed) calls.
+
+    Under `keras.RematScope` a layer's call runs in a checkpoint (on JAX,
+    `jax.checkpoint`), which a tap inside must not leak values out of. In
+    the block: a layer that holds a tap inside it (a `GradientProbe`, or a
+    selected layer of `sites`, at any depth below it: a model, a block)
+    and a `GradientProbe` itself (an identity: nothing to rematerialize)
+    run without rematerialization; a selected layer with no tap inside
+    keeps its own, tapped on its output (`tapping_layers`). Every other
+    layer keeps its rematerialization. Enter it inside the traced function.
+    """
+    from keras_actgrad._probe import GradientProbe
+
+    targets = {id(site.layer) for site in sites}
+    if not sites:
+        targets = {
+            id(layer) for _, layer in _walk(model) if isinstance(layer, GradientProbe)
+        }
+    holders: dict[int, keras.layers.Layer] = {}
+    seen: set[int] = set()
+
+    def visit(layer: keras.layers.Layer, stack: list[keras.layers.Layer]) -> None:
+        if id(layer) in seen:
+            return
+        seen.add(id(layer))
+        if id(layer) in targets:
+            holders.update((id(outer), outer) for outer in stack)
+            if isinstance(layer, GradientProbe):
+                holders[id(layer)] = layer
+        for child in _children(layer):
+            visit(child, [*stack, layer])
+
+    visit(model, [])
+    changed = [
+        (layer, layer.__dict__[_REMAT])
+        for layer in holders.values()
+        if layer.__dict__.get(_REMAT)
+    ]
+    try:
+        for layer, _ in changed:
+            object.__setattr__(layer, _REMAT, None)
+        yield
+    finally:
+        for layer, mode in changed:
+            object.__setattr__(layer, _REMAT, mode)
+
+
 @contextlib.contextmanager
 def tapping_layers(sites: Sequence[Site], tap: Any) -> Iterator[None]:
     """Routes the outputs of the selected layers through `tap` in the block.
@@ -269,9 +336,18 @@ def tapping_layers(sites: Sequence[Site], tap: Any) -> Iterator[None]:
             # (Keras 3.15.1 `Operation.__call__`).
             quantized = getattr(layer, "quantization_mode", None) is not None
             attribute = "quantized_call" if quantized else "call"
+            if getattr(layer, _REMAT, None):
+                # Rematerialized (`keras.RematScope`): the tap goes on the
+                # output of the rematerialized call, outside the checkpoint
+                # (a tap inside would leak the checkpoint's tracers).
+                attribute = "rematerialized_call"
             previous = layer.__dict__.get(attribute, _ABSENT)
             original = getattr(layer, attribute)
-            object.__setattr__(layer, attribute, _tapped_call(original, site, tap))
+            if attribute == "rematerialized_call":
+                replacement = _tapped_remat(original, site, tap)
+            else:
+                replacement = _tapped_call(original, site, tap)
+            object.__setattr__(layer, attribute, replacement)
             installed.append((layer, attribute, previous))
         yield
     finally:

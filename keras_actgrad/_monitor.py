@@ -21,6 +21,7 @@ from keras_actgrad._arguments import (
     is_positive_int,
     writes_summaries,
 )
+from keras_actgrad._backends import step_hooks
 from keras_actgrad._engine.distribution import check_distribution
 from keras_actgrad._engine.step import Layout, MonitoredStep, StepConfig
 from keras_actgrad._events import to_columns
@@ -87,6 +88,14 @@ class GradientMonitor(keras.callbacks.Callback):
     0 (Keras skips it on TensorFlow and PyTorch; on JAX it applies a zero
     gradient, which an optimizer's weight decay or momentum may still move).
 
+    Compile modes: a step compiled with XLA (`jit_compile=True`, Keras's
+    "auto" on a TensorFlow GPU machine) computes the statistics with ops
+    XLA compiles; a model built under `keras.RematScope` keeps every tap
+    outside the rematerialized calls; with `steps_per_execution` > 1, an
+    execution that holds a monitored step runs its steps one call each and
+    every monitored step is reported at its own global step (one without
+    runs Keras's function untouched). See docs/guides/accelerators.md.
+
     Distribution: under `tf.distribute.MirroredStrategy` (TensorFlow) and
     `keras.distribution.DataParallel` or `ModelParallel` (JAX, one process)
     the values are those of the global batch, equal to one device's: each
@@ -138,9 +147,8 @@ class GradientMonitor(keras.callbacks.Callback):
     Raises:
         ValueError: for invalid arguments (here), and in `on_train_begin` for
             a model without probes, a model whose class overrides
-            `train_step` (use `ActivationGradientCallback`),
-            `steps_per_execution` > 1, or a distributed setup other than
-            those above.
+            `train_step` (use `ActivationGradientCallback`), or a
+            distributed setup other than those above.
     """
 
     def __init__(
@@ -214,6 +222,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self._steps: dict[bool, MonitoredStep] = {}
         self._steps_model: keras.Model | None = None
         self._plain: Any = None
+        self._plain_step: Any = None
         self._writer: Any = None
         # The event files this monitor wrote, and whether every event since
         # the first reached them (then `to_numpy` reads the run from them).
@@ -241,9 +250,11 @@ class GradientMonitor(keras.callbacks.Callback):
         _check_model(model, probes=not sites)
         if self._steps_model is not model or self._sites != sites:
             self._steps = {}
+            self._plain_step = None
             self._steps_model = model
             self._sites = sites
         self._plain = model.train_function
+        self._execution = int(getattr(model, "steps_per_execution", 1) or 1)
         self._step = global_step(model)
         self._alerts.reset()
         self._in_spike = False
@@ -281,15 +292,27 @@ class GradientMonitor(keras.callbacks.Callback):
         # first step on. (Building traces nothing: that happens on first use.)
         for histograms in (False, True) if self.histograms_every_n_steps else (False,):
             self._monitored(histograms)
+        if self._execution > 1 and self._plain_step is None:
+            self._plain_step = step_hooks().make_train_function(
+                model, type(model).train_step.__get__(model)
+            )
         self._active = True
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._epoch = epoch
+        if self._execution > 1:
+            # The last execution of an epoch may run fewer steps than
+            # `steps_per_execution` (the data ran out): the global step is
+            # read again (Keras has synced the state into the variables).
+            self._step = global_step(self._fit_model)
 
     def on_train_batch_begin(
         self, batch: int, logs: dict[str, Any] | None = None
     ) -> None:
         index = self._step  # updates done before this step
+        if self._execution > 1:
+            self._begin_execution(index, batch)
+            return
         histograms = bool(
             self.histograms_every_n_steps and index % self.histograms_every_n_steps == 0
         )
@@ -298,6 +321,60 @@ class GradientMonitor(keras.callbacks.Callback):
         else:
             self._fit_model.train_function = self._plain
         self._step = index + 1
+
+    def _plan(self, index: int) -> tuple[bool, bool]:
+        """Whether the step after `index` updates is monitored, with histograms."""
+        histograms = bool(
+            self.histograms_every_n_steps and index % self.histograms_every_n_steps == 0
+        )
+        return index % self.every_n_steps == 0 or histograms, histograms
+
+    def _begin_execution(self, index: int, batch: int) -> None:
+        """`steps_per_execution` > 1: the steps of one execution.
+
+        An execution without a monitored step runs Keras's own function (its
+        steps in one call); one with a monitored step runs its steps one
+        call each (Keras's JAX trainer does so too), each monitored step with
+        the monitored function and reported at its own global step, the
+        others with Keras's own single step. The last execution of an epoch
+        runs the steps left (`params["steps"]`, when known; else until the
+        data runs out, as Keras's does).
+        """
+        size = self._execution
+        steps = (self.params or {}).get("steps")
+        if steps:
+            size = max(min(size, int(steps) - int(batch)), 1)
+        plan = [self._plan(index + k) for k in range(size)]
+        model = self._fit_model
+        if not any(monitored for monitored, _ in plan):
+            model.train_function = self._plain
+            self._step = index + size
+            return
+        hooks = step_hooks()
+        stateless = hooks.stateless
+
+        def train_function(*args: Any) -> Any:
+            state = args[0] if stateless else None
+            iterator = args[-1]
+            out: Any = None
+            for k, (monitored, histograms) in enumerate(plan):
+                plain = self._plain_step
+                function = self._monitored(histograms) if monitored else plain
+                self._step = index + k + 1
+                try:
+                    if stateless:
+                        out = function(state, iterator)
+                        state = out[1]
+                    else:
+                        out = function(iterator)
+                except hooks.end_of_data:
+                    self._step = index + k
+                    if k == 0:
+                        raise
+                    break
+            return out
+
+        model.train_function = train_function
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self._fit_model.train_function = self._plain
@@ -591,13 +668,6 @@ def _check_model(model: keras.Model, probes: bool = True) -> None:
             "Add probes with `keras_actgrad.insert_probes(model)` or place "
             "`GradientProbe()` layers yourself. Received: model with "
             f"{len(model.layers)} layers, 0 probes."
-        )
-    steps = getattr(model, "steps_per_execution", 1)
-    if steps != 1:
-        raise ValueError(
-            "`GradientMonitor` monitors single training steps and needs "
-            "`steps_per_execution=1` in `model.compile`. Received: "
-            f"steps_per_execution={steps}."
         )
     check_distribution(model)
     if getattr(model, "optimizer", None) is None:

@@ -19,7 +19,12 @@ import keras
 import numpy as np
 
 from keras_actgrad._context import tapping
-from keras_actgrad._layers import Site, selection_key, tapping_layers
+from keras_actgrad._layers import (
+    Site,
+    remat_outside_taps,
+    selection_key,
+    tapping_layers,
+)
 from keras_actgrad._statistics.moments import Moments
 
 Tensor: TypeAlias = Any
@@ -222,11 +227,12 @@ def forward(
     The taps are the model's `GradientProbe`s, or, if `sites` are given,
     the outputs of those layers only (the probes then pass through).
     """
-    if not sites:
-        with tapping(tap):
+    with remat_outside_taps(model, sites):
+        if not sites:
+            with tapping(tap):
+                return model(x, training=training)
+        with tapping_layers(sites, tap):
             return model(x, training=training)
-    with tapping_layers(sites, tap):
-        return model(x, training=training)
 
 
 # Mixed precision: the loss scale of a pass with float16 taps.
@@ -302,6 +308,8 @@ class StepHooks(Protocol):
     """
 
     stateless: bool
+    # What a train function raises when its data runs out.
+    end_of_data: tuple[type[BaseException], ...]
 
     @staticmethod
     def identity(
@@ -395,12 +403,34 @@ def keras_train_function(
     there (`_make_function(self.train_step)`, `jit(self.train_step)`), so
     `train_step` is set on the instance for that call only, and the model's
     own `train_function` is put back.
+
+    The function returned runs **one** step, whatever the model's
+    `steps_per_execution`: it is built with `steps_per_execution` set to 1
+    (the JAX trainer reads it when it builds the function, the TensorFlow
+    trainer when its `tf.function` is traced, on the first call, so there
+    it is also 1 during each call). Called as Keras calls its own, it takes
+    one batch from the iterator.
     """
     saved = model.train_function
+    steps = model.steps_per_execution
     object.__setattr__(model, "train_step", train_step)
     try:
+        model.steps_per_execution = 1
         model.make_train_function(force=True)
-        return model.train_function  # type: ignore[no-any-return]
+        function: Callable[..., Any] = model.train_function
     finally:
         model.__dict__.pop("train_step", None)
         model.train_function = saved
+        model.steps_per_execution = steps
+    if steps == 1:
+        return function
+
+    def one_step(*args: Any) -> Any:
+        steps = model.steps_per_execution
+        model.steps_per_execution = 1
+        try:
+            return function(*args)
+        finally:
+            model.steps_per_execution = steps
+
+    return one_step

@@ -19,6 +19,7 @@ from keras_actgrad._backends.base import keras_train_function
 
 
 class JaxStepHooks:
+    end_of_data: tuple[type[BaseException], ...] = (StopIteration,)
     stateless = True
 
     @staticmethod

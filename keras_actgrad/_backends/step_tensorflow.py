@@ -16,9 +16,14 @@ import keras
 import tensorflow as tf
 
 from keras_actgrad._backends.base import keras_train_function
+from keras_actgrad._statistics.moments import xla_compatible
 
 
 class TensorFlowStepHooks:
+    end_of_data: tuple[type[BaseException], ...] = (
+        StopIteration,
+        tf.errors.OutOfRangeError,
+    )
     stateless = False
 
     @staticmethod
@@ -58,7 +63,16 @@ class TensorFlowStepHooks:
     def make_train_function(
         model: keras.Model, train_step: Callable[..., Any]
     ) -> Callable[..., Any]:
-        function = keras_train_function(model, train_step)
+        # Keras compiles the step with XLA when `model.jit_compile` (its
+        # "auto" resolves to True on a machine with a GPU): the statistics
+        # then use only ops XLA compiles.
+        jit = bool(model.jit_compile) and not model.run_eagerly
+
+        def step(*args: Any) -> Any:
+            with xla_compatible(jit):
+                return train_step(*args)
+
+        function = keras_train_function(model, step)
 
         def monitored(*args: Any) -> Any:
             # Keras's own compilation: its `tf.function` shares TensorFlow's

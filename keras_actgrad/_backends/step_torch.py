@@ -16,6 +16,7 @@ import torch
 
 
 class TorchStepHooks:
+    end_of_data: tuple[type[BaseException], ...] = (StopIteration,)
     stateless = False
 
     @staticmethod

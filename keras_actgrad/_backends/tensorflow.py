@@ -67,7 +67,7 @@ from keras_actgrad._backends.base import (
     reduce,
     to_float32,
 )
-from keras_actgrad._statistics.moments import Moments
+from keras_actgrad._statistics.moments import Moments, xla_compatible
 from keras_actgrad._statistics.moments_tensorflow import TensorFlowMoments
 
 # How many taps the backward pass may run ahead of the reductions (see the
@@ -153,7 +153,19 @@ class TensorFlowAdapter:
         config: PassConfig,
         on_trace: Callable[[list[Tapped]], None],
     ) -> Callable[..., Any]:
+        # The pass is compiled as the model's training step is: with XLA when
+        # `model.jit_compile` (Keras's "auto" resolves to True on a machine
+        # with a GPU), so that a model that trains under XLA is probed under
+        # XLA, with statistics XLA compiles.
+        jit = bool(getattr(model, "jit_compile", False)) and not getattr(
+            model, "run_eagerly", False
+        )
+
         def step(x: Any, y: Any, sample_weight: Any, scale: Any, inputs: Any) -> Any:
+            with xla_compatible(jit):
+                return traced(x, y, sample_weight, scale, inputs)
+
+        def traced(x: Any, y: Any, sample_weight: Any, scale: Any, inputs: Any) -> Any:
             reducer = config.reducer
             # A reducer that takes the pass's `inputs` (the chunked one) is
             # called on the whole pass.
@@ -278,7 +290,9 @@ class TensorFlowAdapter:
         # AutoGraph, as Keras compiles its own train function
         # (`do_not_convert`): the model runs as it trains, and converting
         # every function the trace calls cost more than the trace itself.
-        function = tf.function(functools.partial(step), autograph=False)
+        function = tf.function(
+            functools.partial(step), autograph=False, jit_compile=jit or None
+        )
 
         def run(x: Any, y: Any, sample_weight: Any, inputs: Any = None) -> Any:
             scale = tf.constant(loss_scale(model), tf.float32)

@@ -243,6 +243,18 @@ class ProbeEngine:
             # PyTorch reports shape mismatches as RuntimeError.
             if isinstance(error, RuntimeError) and keras.backend.backend() != "torch":
                 raise
+            if type(error).__name__ == "UnexpectedTracerError":  # JAX
+                first = str(error).splitlines()[0] if str(error) else ""
+                raise ValueError(
+                    f"The probe pass of model '{model.name}' failed: a tap (a "
+                    "`GradientProbe` or a layer measured in place) runs inside "
+                    "a function JAX transforms on its own, e.g. one wrapped in "
+                    "`keras.remat(...)` or `jax.checkpoint`, which a measured "
+                    "tensor cannot leave. Place the probe outside that "
+                    "function, or measure the layer that calls it with "
+                    "`layers=[...]` (layers built under `keras.RematScope` are "
+                    f"handled). Received: UnexpectedTracerError: {first}"
+                ) from error
             outputs = _declared_outputs(model)
             raise ValueError(
                 f"The probe pass of model '{model.name}' failed: {error}\n"

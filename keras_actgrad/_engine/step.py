@@ -36,7 +36,7 @@ import keras
 from keras_actgrad._backends import replicas, step_hooks, step_moments_class
 from keras_actgrad._backends.base import StepHooks
 from keras_actgrad._context import tapping
-from keras_actgrad._layers import Site, tapping_layers
+from keras_actgrad._layers import Site, remat_outside_taps, tapping_layers
 from keras_actgrad._statistics.moments import Moments
 from keras_actgrad._statistics.statistics import STATISTICS, moments_for
 
@@ -481,12 +481,13 @@ class MonitoredStep:
             )
             tapped_model = True
         try:
-            if self.sites:
-                with tapping_layers(self.sites, trace.tap):
-                    yield
-            else:
-                with tapping(trace.tap):
-                    yield
+            with remat_outside_taps(model, self.sites):
+                if self.sites:
+                    with tapping_layers(self.sites, trace.tap):
+                        yield
+                else:
+                    with tapping(trace.tap):
+                        yield
         finally:
             for name in patched:
                 optimizer.__dict__.pop(name, None)

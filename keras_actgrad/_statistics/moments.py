@@ -14,13 +14,36 @@ TensorFlow and PyTorch subclasses in `moments_tensorflow.py` and
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import keras
 
 Tensor = Any
+
+# Set while a pass or training step is traced for XLA (TensorFlow with
+# `jit_compile=True`): the moments then build only ops XLA compiles (no
+# `EuclideanNorm`, `HistogramFixedWidth`, nor a bincount, whose length is
+# not a compile-time constant there).
+_XLA = contextvars.ContextVar("keras_actgrad_xla", default=False)
+
+
+@contextlib.contextmanager
+def xla_compatible(enabled: bool = True) -> Iterator[None]:
+    """Builds, in the block, only ops XLA compiles (a `jit_compile` trace)."""
+    token = _XLA.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _XLA.reset(token)
+
+
+def in_xla() -> bool:
+    """Whether the moments are being built for XLA (see `xla_compatible`)."""
+    return _XLA.get()
 
 
 def float32(x: Tensor) -> Tensor:
@@ -279,8 +302,9 @@ def _count(index: Tensor, weights: Tensor | None, bins: int) -> Tensor:
     the data. Returns float32 counts of shape `[bins]`.
     """
     ops = keras.ops
-    if keras.backend.backend() == "jax":
-        # jnp.bincount needs a static length; segment_sum has one.
+    if keras.backend.backend() == "jax" or in_xla():
+        # jnp.bincount needs a static length; segment_sum has one (as
+        # TensorFlow's XLA needs).
         data = ops.ones_like(index, "float32") if weights is None else weights
         counts = ops.segment_sum(data, index, num_segments=bins + 1)
     else:

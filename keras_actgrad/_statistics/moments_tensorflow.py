@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from keras_actgrad._statistics.moments import Moments, nonfinite_histogram
+from keras_actgrad._statistics.moments import Moments, in_xla, nonfinite_histogram
 
 # Row blocks: a reduction over one probe's tensor is split into blocks of at
 # most this many entries. TensorFlow (Eigen) runs an op over a 512 x 512
@@ -32,6 +32,28 @@ _BLOCK_ROWS_MULTIPLE = 16
 # peak 573 MB above the warm process, 4 blocks 465 MB, none 335 MB (a
 # training step: 240-290 MB; benchmarks/bench_memory.py, indicative).
 _MAX_BLOCKS = 4
+
+
+def _euclidean_norm(x: Any, axis: Any = None) -> Any:
+    """`tf.math.reduce_euclidean_norm`, or its XLA-compilable form under XLA."""
+    if in_xla():
+        return tf.sqrt(tf.reduce_sum(tf.square(x), axis=axis))
+    return tf.math.reduce_euclidean_norm(x, axis=axis)
+
+
+def _histogram_counts(block: Any, value_range: Any, bins: int) -> Any:
+    """`tf.histogram_fixed_width`, or its XLA-compilable form under XLA.
+
+    Under XLA: the same bin of each entry (`tf.histogram_fixed_width_bins`,
+    clipped to the bins as `histogram_fixed_width` does), counted by
+    a segment sum (a bincount's length is not a compile-time constant).
+    """
+    if not in_xla():
+        return tf.histogram_fixed_width(block, value_range, nbins=bins)
+    flat = tf.reshape(block, [-1])
+    index = tf.histogram_fixed_width_bins(flat, value_range, nbins=bins)
+    ones = tf.ones_like(index)
+    return tf.math.unsorted_segment_sum(ones, index, num_segments=bins)
 
 
 def row_blocks(shape: tf.TensorShape) -> list[int] | None:
@@ -93,7 +115,7 @@ def _blocks_histogram(blocks: list[Any], low: Any, high: Any, bins: int) -> Any:
     # that stays wider than 0 in float32 when |low| is large).
     top = tf.where(high > low, high, low + tf.maximum(tf.abs(low), 1.0))
     value_range = tf.stack([low, top])
-    parts = [tf.histogram_fixed_width(b, value_range, nbins=bins) for b in blocks]
+    parts = [_histogram_counts(b, value_range, bins) for b in blocks]
     counts = tf.add_n(parts) if len(parts) > 1 else parts[0]
     return tf.concat([tf.stack([low, high]), tf.cast(counts, tf.float32)], 0)
 
@@ -119,7 +141,7 @@ class TensorFlowMoments(Moments):
             rank = g.shape.rank
             if rank <= 1:
                 return tf.reshape(tf.abs(g), [-1])
-            return tf.math.reduce_euclidean_norm(g, axis=list(range(1, rank)))
+            return _euclidean_norm(g, axis=list(range(1, rank)))
 
         return self._get("_sample_norms", compute)
 
@@ -144,11 +166,11 @@ class TensorFlowMoments(Moments):
         a = self.a
         mean = self.a_mean()
         size = tf.cast(tf.size(a), tf.float32)
-        mean_sq = tf.square(tf.math.reduce_euclidean_norm(a)) / size
+        mean_sq = tf.square(_euclidean_norm(a)) / size
         variance = mean_sq - tf.square(mean)
 
         def two_pass(centred: Any) -> Any:
-            centred_sq = tf.square(tf.math.reduce_euclidean_norm(centred)) / size
+            centred_sq = tf.square(_euclidean_norm(centred)) / size
             shift = tf.reduce_sum(centred) / size
             return tf.sqrt(tf.maximum(centred_sq - tf.square(shift), 0.0))
 
@@ -201,7 +223,7 @@ class TensorFlowMoments(Moments):
         """
 
         def sq_norm(x: Any) -> Any:
-            return tf.square(tf.math.reduce_euclidean_norm(tf.cast(x, tf.float32)))
+            return tf.square(_euclidean_norm(tf.cast(x, tf.float32)))
 
         grad_sq = []
         for g in grads:
@@ -390,7 +412,7 @@ def _unit_counts(block: Any) -> Any:
     axes = list(range(shape.rank - 1))
     if int(np.prod(shape[:-1])) > _NORM_COUNT_LIMIT:
         return tf.reduce_sum(tf.sign(tf.abs(block)), axis=axes)
-    norms = tf.math.reduce_euclidean_norm(tf.sign(block), axis=axes)
+    norms = _euclidean_norm(tf.sign(block), axis=axes)
     return tf.round(tf.square(norms))
 
 
@@ -437,8 +459,7 @@ class _FiniteBlocks:
         if name == "_sample_norms":
             rank = self.g_blocks[0].shape.rank
             norms = [
-                tf.math.reduce_euclidean_norm(b, axis=list(range(1, rank)))
-                for b in self.g_blocks
+                _euclidean_norm(b, axis=list(range(1, rank))) for b in self.g_blocks
             ]
             return tf.concat(norms, 0) if len(norms) > 1 else norms[0]
         if name == "g_size":
@@ -483,16 +504,12 @@ class _FiniteBlocks:
     def _a_std(self) -> Any:
         size = self.a_entries
         mean = self.moment("a_mean")
-        squares = self._sum(
-            [tf.square(tf.math.reduce_euclidean_norm(b)) for b in self.a_blocks]
-        )
+        squares = self._sum([tf.square(_euclidean_norm(b)) for b in self.a_blocks])
         variance = squares / size - tf.square(mean)
 
         def two_pass() -> Any:
             centred = [b - mean for b in self.a_blocks]
-            centred_sq = self._sum(
-                [tf.square(tf.math.reduce_euclidean_norm(c)) for c in centred]
-            )
+            centred_sq = self._sum([tf.square(_euclidean_norm(c)) for c in centred])
             shift = self._sum([tf.reduce_sum(c) for c in centred]) / size
             return tf.sqrt(tf.maximum(centred_sq / size - tf.square(shift), 0.0))
 
