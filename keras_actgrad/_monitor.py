@@ -318,6 +318,10 @@ class GradientMonitor(keras.callbacks.Callback):
     def _record(self, monitored: MonitoredStep, step: int) -> None:
         vector = np.asarray(keras.ops.convert_to_numpy(monitored.payload), np.float64)
         monitored.payload = None
+        if monitored.custom and monitored.layout is not None:
+            # A custom step's keys (`<pass>/<probe>` for several passes),
+            # known once traced: those of its last trace, in reading order.
+            self.probe_order = list(monitored.layout.probes)
         event = unpack(vector, monitored.layout, monitored.config, step, self._epoch)
         event["spike_threshold"] = monitored.threshold
         self._finish_event(event)
@@ -516,16 +520,6 @@ def global_grad_norm(grad_sq: np.ndarray, has_gradient: Sequence[bool]) -> float
 
 
 def _check_model(model: keras.Model, probes: bool = True) -> None:
-    if type(model).train_step is not keras.Model.train_step:
-        raise ValueError(
-            f"`GradientMonitor` reads the gradients inside Keras's own training "
-            f"step, but model '{model.name}' is a {type(model).__name__} whose "
-            "class overrides `train_step`, so the monitor cannot know where its "
-            "gradients are taken. Use `keras_actgrad.ActivationGradientCallback` "
-            "(a separate probe pass, e.g. `batch_freq=1` for every step), or "
-            "drop the `train_step` override. Received: "
-            f"{type(model).__qualname__}.train_step."
-        )
     if probes and not find_probes(model):
         raise ValueError(
             f"`GradientMonitor` found no `GradientProbe` in model '{model.name}'. "
@@ -541,6 +535,17 @@ def _check_model(model: keras.Model, probes: bool = True) -> None:
             f"steps_per_execution={steps}."
         )
     check_distribution(model)
+    strategy = getattr(model, "distribute_strategy", None)
+    replicas = getattr(strategy, "num_replicas_in_sync", 1)
+    distributed = keras.distribution.distribution() is not None or replicas > 1
+    if type(model).train_step is not keras.Model.train_step and distributed:
+        raise ValueError(
+            "`GradientMonitor` measures a custom `train_step` on one device "
+            f"only, but model '{model.name}' is a {type(model).__name__} whose "
+            "class overrides `train_step` and is trained under a distribution. "
+            "Train it without the distribution while monitoring. Received: "
+            f"{type(model).__qualname__}.train_step under a distribution."
+        )
     if getattr(model, "optimizer", None) is None:
         raise ValueError(
             f"`GradientMonitor` needs a compiled model with an optimizer. "

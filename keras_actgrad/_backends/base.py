@@ -323,6 +323,16 @@ class StepHooks(Protocol):
         ...
 
     @staticmethod
+    def backward_functions() -> list[tuple[Any, str, str]]:
+        """The functions a custom `train_step` takes a backward pass with.
+
+        `(owner, attribute, kind)`, wrapped on `owner` while a custom step
+        is traced so that its passes are told apart; `kind` as in
+        `_engine.step._wrap_backward` (`"call"`, `"transform"`, `"vjp"`).
+        """
+        ...
+
+    @staticmethod
     def readable(activation: Tensor) -> bool:
         """Whether a handle given to `on_forward` may be read here.
 

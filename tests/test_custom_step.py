@@ -1,0 +1,155 @@
+"""`GradientMonitor` on models that override `train_step`.
+
+Reference: a hand replay of training, one tape per pass (`grad` in
+custom_step_models: `tf.GradientTape`, `jax.value_and_grad`,
+`torch.autograd.grad`), over the model's weights written out as tensors
+(`ops.tanh(x @ kernel + bias)`), with a zero perturbation added at each
+probe (its gradient is d loss / d probe output), and the SGD updates
+applied by hand in NumPy.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import keras_actgrad
+from tests import custom_step_models as cm
+
+BATCH = 8
+
+
+def weights_of(model):
+    return [np.array(w) for w in model.get_weights()]
+
+
+def dense(x, kernel, bias):
+    return ops.matmul(x, kernel) + bias
+
+
+def mlp_forward(params, x, perturbation):
+    """A probed `mlp`: Dense(tanh) -> probe (+ perturbation) -> Dense."""
+    k1, b1, k2, b2 = params
+    h = ops.tanh(dense(x, k1, b1)) + perturbation
+    return dense(h, k2, b2)
+
+
+def tensors(arrays):
+    return [ops.convert_to_tensor(a) for a in arrays]
+
+
+def replay_gan(d_params, g_params, real, latent):
+    """One GAN step by hand: (tap gradients, weight gradients, new params)."""
+    n = real.shape[0]
+    zeros_h = np.zeros((2 * n, cm.HIDDEN), "float32")
+    g_zero = np.zeros((n, cm.HIDDEN), "float32")
+    fake = mlp_forward(
+        tensors(g_params), ops.convert_to_tensor(latent), ops.convert_to_tensor(g_zero)
+    )
+    fake = cm.numpy(fake).astype("float32")
+    batch = ops.convert_to_tensor(np.concatenate([real, fake]))
+
+    def d_loss(k1, b1, k2, b2, p):
+        return cm._d_loss(mlp_forward([k1, b1, k2, b2], batch, p), n)
+
+    _, grads = cm.grad(d_loss, tensors(d_params) + tensors([zeros_h]))
+    grads = [cm.numpy(g) for g in grads]
+    taps = {"d_optimizer/disc_probe": grads[4]}
+    d_weight_grads = grads[:4]
+    d_new = [
+        (w - np.float32(cm.LR_D) * g.astype("float32")).astype("float32")
+        for w, g in zip(d_params, d_weight_grads, strict=True)
+    ]
+    d_zero = np.zeros((n, cm.HIDDEN), "float32")
+    x_latent = ops.convert_to_tensor(latent)
+    d_fixed = tensors(d_new)
+
+    def g_loss(k1, b1, k2, b2, pg, pd):
+        fake = mlp_forward([k1, b1, k2, b2], x_latent, pg)
+        return cm._g_loss(mlp_forward(d_fixed, fake, pd))
+
+    _, grads = cm.grad(g_loss, tensors(g_params) + tensors([g_zero, d_zero]))
+    grads = [cm.numpy(g) for g in grads]
+    taps["g_optimizer/gen_probe"] = grads[4]
+    taps["g_optimizer/disc_probe"] = grads[5]
+    g_weight_grads = grads[:4]
+    g_new = [
+        (w - np.float32(cm.LR_G) * g.astype("float32")).astype("float32")
+        for w, g in zip(g_params, g_weight_grads, strict=True)
+    ]
+    return taps, d_weight_grads, g_weight_grads, d_new, g_new
+
+
+def params(model):
+    return [np.array(v.numpy() if hasattr(v, "numpy") else v) for v in model.get_weights()]
+
+
+def fit_gan(callbacks, steps=3):
+    model = cm.gan()
+    real, latent = cm.gan_data(BATCH * steps)
+    start = (params(model.discriminator), params(model.generator))
+    model.fit(
+        real, latent, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
+        callbacks=callbacks,
+    )
+    return model, start, (real, latent)
+
+
+def test_gan_two_passes_against_hand_replay():
+    monitor = keras_actgrad.GradientMonitor(statistics=("grad_norm",))
+    model, (d_params, g_params), (real, latent) = fit_gan([monitor])
+    assert monitor.probe_order == [
+        "d_optimizer/disc_probe",
+        "g_optimizer/gen_probe",
+        "g_optimizer/disc_probe",
+    ]
+    d_paths = [v.path for v in model.discriminator.trainable_variables]
+    g_paths = [v.path for v in model.generator.trainable_variables]
+    assert len(monitor.events) == 3
+    for step, event in enumerate(monitor.events):
+        rows = slice(step * BATCH, (step + 1) * BATCH)
+        taps, d_grads, g_grads, d_params, g_params = replay_gan(
+            d_params, g_params, real[rows], latent[rows]
+        )
+        for key, gradient in taps.items():
+            np.testing.assert_allclose(
+                event["statistics"][key]["grad_norm"],
+                np.linalg.norm(gradient),
+                rtol=1e-5,
+                err_msg=f"step {step}, {key}",
+            )
+        for paths, grads, lr in ((d_paths, d_grads, cm.LR_D), (g_paths, g_grads, cm.LR_G)):
+            for path, gradient in zip(paths, grads, strict=True):
+                np.testing.assert_allclose(
+                    event["weight_grad_norms"][path], np.linalg.norm(gradient), rtol=1e-5
+                )
+                np.testing.assert_allclose(
+                    event["update_norms"][path],
+                    lr * np.linalg.norm(gradient),
+                    rtol=1e-4,
+                )
+        assert set(event["weight_grad_norms"]) == set(d_paths + g_paths)
+        everything = np.concatenate([g.ravel() for g in d_grads + g_grads])
+        np.testing.assert_allclose(
+            event["global_grad_norm"], np.linalg.norm(everything), rtol=1e-5
+        )
+    # The replay's weights are the trained model's.
+    for ours, theirs in zip(
+        params(model.discriminator) + params(model.generator),
+        d_params + g_params,
+        strict=True,
+    ):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_gan_training_unchanged_bit_for_bit():
+    plain, _, _ = fit_gan([])
+    monitor = keras_actgrad.GradientMonitor(
+        statistics=None, histograms_every_n_steps=2
+    )
+    monitored, _, _ = fit_gan([monitor])
+    for a, b in zip(weights_of(plain), weights_of(monitored), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert len(monitor.events) == 3
