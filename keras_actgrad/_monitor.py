@@ -321,7 +321,7 @@ class GradientMonitor(keras.callbacks.Callback):
         if monitored.custom and monitored.layout is not None:
             # A custom step's keys (`<pass>/<probe>` for several passes),
             # known once traced: those of its last trace, in reading order.
-            self.probe_order = list(monitored.layout.probes)
+            self.probe_order = list(monitored.layout.order)
         event = unpack(vector, monitored.layout, monitored.config, step, self._epoch)
         event["spike_threshold"] = monitored.threshold
         self._finish_event(event)

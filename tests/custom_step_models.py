@@ -216,3 +216,180 @@ def split(model, x):
     hidden = model.get_layer(f"{model.name}_hidden")
     head = model.get_layer(f"{model.name}_out")
     return hidden(x), head
+
+
+# -- one optimizer: VAE, distillation ----------------------------------------
+
+
+class _OneOptimizer(keras.Model):
+    """A model whose `losses_of(data, call)` is its training loss.
+
+    `call(sub_model, x)` runs a sub-model: directly (TensorFlow, PyTorch)
+    or with `stateless_call` on the values being differentiated (JAX).
+    `train_step` is written per backend, as keras.io's VAE and
+    distillation examples write it.
+    """
+
+    def train_step(self, *args):
+        return {
+            "tensorflow": self._step_tensorflow,
+            "jax": self._step_jax,
+            "torch": self._step_torch,
+        }[BACKEND](*args)
+
+    def _step_tensorflow(self, data):
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            loss, logs = self.losses_of(data, lambda model, x: model(x))
+        grads = tape.gradient(loss, self.trainable_weights)
+        self.optimizer.apply(grads, self.trainable_weights)
+        return logs
+
+    def _step_torch(self, data):
+        import torch
+
+        self.zero_grad()
+        loss, logs = self.losses_of(data, lambda model, x: model(x))
+        loss.backward()
+        grads = [v.value.grad for v in self.trainable_weights]
+        with torch.no_grad():
+            self.optimizer.apply(grads, self.trainable_weights)
+        return {k: v.detach() for k, v in logs.items()}
+
+    def _step_jax(self, state, data):
+        import jax
+
+        trainable, non_trainable, optimizer_variables, metrics_variables = state
+        non_trainable_values = {
+            id(v): value
+            for v, value in zip(self.non_trainable_variables, non_trainable, strict=True)
+        }
+
+        def loss_fn(trainable):
+            values = dict(non_trainable_values)
+            values.update(
+                {id(v): t for v, t in zip(self.trainable_variables, trainable, strict=True)}
+            )
+
+            def call(model, x):
+                return model.stateless_call(
+                    [values[id(v)] for v in model.trainable_variables],
+                    [values[id(v)] for v in model.non_trainable_variables],
+                    x,
+                )[0]
+
+            return self.losses_of(data, call)
+
+        (_, logs), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        trainable, optimizer_variables = self.optimizer.stateless_apply(
+            optimizer_variables, grads, trainable
+        )
+        state = (trainable, non_trainable, optimizer_variables, metrics_variables)
+        return logs, state
+
+
+class Sampling(keras.layers.Layer):
+    """keras.io's VAE sampling, its noise given (z = mean + std * noise)."""
+
+    def call(self, inputs):
+        mean, log_var, noise = inputs
+        return mean + ops.exp(0.5 * log_var) * noise
+
+
+CODE = 2
+LR_VAE = 0.05
+
+
+class VAE(_OneOptimizer):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        inputs = keras.Input((FEATURES,))
+        h = keras.layers.Dense(HIDDEN, activation="tanh", name="enc_hidden")(inputs)
+        h = keras_actgrad.GradientProbe(name="enc_probe")(h)
+        mean = keras.layers.Dense(CODE, name="enc_mean")(h)
+        log_var = keras.layers.Dense(CODE, name="enc_log_var")(h)
+        self.encoder = keras.Model(inputs, [mean, log_var], name="encoder")
+        self.decoder = mlp("dec", CODE, FEATURES)
+        self.sampling = Sampling()
+        self.sampling.built = True  # no weights
+        self.built = True
+
+    def losses_of(self, data, call):
+        x, noise = data
+        mean, log_var = call(self.encoder, x)
+        z = self.sampling([mean, log_var, noise])
+        reconstruction = call(self.decoder, z)
+        return vae_loss(x, mean, log_var, reconstruction)
+
+
+def vae_loss(x, mean, log_var, reconstruction):
+    reconstruction_loss = ops.mean(ops.sum(ops.square(x - reconstruction), axis=1))
+    kl = -0.5 * (1 + log_var - ops.square(mean) - ops.exp(log_var))
+    kl_loss = ops.mean(ops.sum(kl, axis=1))
+    loss = reconstruction_loss + kl_loss
+    return loss, {"loss": loss, "kl_loss": kl_loss}
+
+
+def vae():
+    keras.utils.set_random_seed(1)
+    model = VAE(name="vae")
+    model.compile(optimizer=keras.optimizers.SGD(LR_VAE))
+    return model
+
+
+def vae_data(n=16, seed=1):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, FEATURES)).astype("float32")
+    noise = rng.normal(size=(n, CODE)).astype("float32")
+    return x, noise
+
+
+CLASSES, ALPHA, TEMPERATURE, LR_STUDENT = 3, 0.3, 2.0, 0.1
+
+
+class Distiller(_OneOptimizer):
+    """keras.io's knowledge distillation: a frozen teacher, a student."""
+
+    def __init__(self, teacher, student, **kwargs):
+        super().__init__(**kwargs)
+        self.teacher = teacher
+        self.student = student
+        self.built = True
+
+    def losses_of(self, data, call):
+        x, y = data
+        # keras.io calls the teacher outside the tape: no gradient flows
+        # into it (and none reaches its probe).
+        teacher_logits = ops.stop_gradient(call(self.teacher, x))
+        return distillation_loss(y, teacher_logits, call(self.student, x))
+
+
+def distillation_loss(y, teacher_logits, student_logits):
+    student_loss = ops.mean(
+        keras.losses.categorical_crossentropy(y, student_logits, from_logits=True)
+    )
+    soft_teacher = ops.softmax(teacher_logits / TEMPERATURE)
+    soft_student = ops.softmax(student_logits / TEMPERATURE)
+    distill = ops.mean(
+        keras.losses.kl_divergence(soft_teacher, soft_student)
+    ) * (TEMPERATURE**2)
+    loss = ALPHA * student_loss + (1 - ALPHA) * distill
+    return loss, {"loss": loss, "distillation_loss": distill}
+
+
+def distiller():
+    keras.utils.set_random_seed(2)
+    teacher = mlp("teacher", FEATURES, CLASSES)
+    teacher.trainable = False
+    student = mlp("student", FEATURES, CLASSES)
+    model = Distiller(teacher, student, name="distiller")
+    model.compile(optimizer=keras.optimizers.SGD(LR_STUDENT))
+    return model
+
+
+def distillation_data(n=16, seed=2):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, FEATURES)).astype("float32")
+    y = np.eye(CLASSES, dtype="float32")[rng.integers(0, CLASSES, n)]
+    return x, y

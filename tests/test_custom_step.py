@@ -153,3 +153,88 @@ def test_gan_training_unchanged_bit_for_bit():
     for a, b in zip(weights_of(plain), weights_of(monitored), strict=True):
         np.testing.assert_array_equal(a, b)
     assert len(monitor.events) == 3
+
+
+def vae_reference(params, perturbations, batch):
+    k1, b1, km, bm, kv, bv, *decoder = params
+    pe, pd = perturbations
+    x, noise = (ops.convert_to_tensor(a) for a in batch)
+    h = ops.tanh(dense(x, k1, b1)) + pe
+    mean, log_var = dense(h, km, bm), dense(h, kv, bv)
+    z = mean + ops.exp(0.5 * log_var) * noise
+    return cm.vae_loss(x, mean, log_var, mlp_forward(decoder, z, pd))[0]
+
+
+def distillation_reference(teacher):
+    def loss(params, perturbations, batch):
+        x, y = (ops.convert_to_tensor(a) for a in batch)
+        zero = ops.zeros((x.shape[0], cm.HIDDEN))
+        teacher_logits = mlp_forward(tensors(teacher), x, zero)
+        student_logits = mlp_forward(params, x, perturbations[0])
+        return cm.distillation_loss(y, teacher_logits, student_logits)[0]
+
+    return loss
+
+
+CASES = {
+    # model, data, trained sub-models, probes the step's pass crosses,
+    # probes it does not (NaN gradient), learning rate
+    "vae": (cm.vae, cm.vae_data, ("encoder", "decoder"), ("enc_probe", "dec_probe"), (), cm.LR_VAE),
+    "distillation": (cm.distiller, cm.distillation_data, ("student",), ("student_probe",), ("teacher_probe",), cm.LR_STUDENT),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_one_optimizer_models_against_hand_replay(case):
+    build, make_data, trained, crossed, uncrossed, lr = CASES[case]
+    steps = 2
+    x, y = make_data(BATCH * steps)
+
+    def fit(callbacks):
+        model = build()
+        start = [np.array(w) for m in trained for w in getattr(model, m).get_weights()]
+        model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
+        return model, start
+
+    plain, _ = fit([])
+    monitor = keras_actgrad.GradientMonitor(statistics=("grad_norm", "act_mean"))
+    model, current = fit([monitor])
+    for a, b in zip(weights_of(plain), weights_of(model), strict=True):
+        np.testing.assert_array_equal(a, b)  # training unchanged, bit for bit
+    if case == "distillation":
+        loss_ref = distillation_reference(model.teacher.get_weights())
+    else:
+        loss_ref = vae_reference
+    paths = [v.path for m in trained for v in getattr(model, m).trainable_variables]
+    # Forward order (the teacher runs first).
+    assert sorted(monitor.probe_order) == sorted(crossed + uncrossed)
+    assert monitor.probe_order[0] == (uncrossed or crossed)[0]
+    for step, event in enumerate(monitor.events):
+        rows = slice(step * BATCH, (step + 1) * BATCH)
+        batch = (x[rows], y[rows])
+        zeros = [np.zeros((BATCH, cm.HIDDEN), "float32") for _ in crossed]
+        n = len(current)
+
+        def loss(*ts):
+            return loss_ref(list(ts[:n]), list(ts[n:]), batch)
+
+        _, grads = cm.grad(loss, tensors(current + zeros))
+        grads = [cm.numpy(g) for g in grads]
+        for name, gradient in zip(crossed, grads[n:], strict=True):
+            np.testing.assert_allclose(
+                event["statistics"][name]["grad_norm"], np.linalg.norm(gradient), rtol=1e-5
+            )
+        for name in uncrossed:
+            assert np.isnan(event["statistics"][name]["grad_norm"])
+        assert sorted(event["weight_grad_norms"]) == sorted(paths)
+        for path, gradient in zip(paths, grads[:n], strict=True):
+            np.testing.assert_allclose(
+                event["weight_grad_norms"][path], np.linalg.norm(gradient), rtol=1e-5
+            )
+        current = [
+            (w - np.float32(lr) * g.astype("float32")).astype("float32")
+            for w, g in zip(current, grads[:n], strict=True)
+        ]
+    final = [np.array(w) for m in trained for w in getattr(model, m).get_weights()]
+    for ours, theirs in zip(final, current, strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)

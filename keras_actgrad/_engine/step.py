@@ -456,8 +456,13 @@ class _Trace:
             full_names = list(self.full_names)
             parts.append(ops.reshape(self.full, (-1,)))
             parts.append(ops.reshape(self.spike, (1,)))
+        if len(self.pass_labels()) > 1:
+            order = names
+        else:
+            # One pass: every visit, as Keras's own step reports them.
+            order = list(dict.fromkeys(self.order))
         self.layout = Layout(
-            order=list(self.order),
+            order=order,
             probes=names,
             weights=weights,
             weight_paths=list(self.weight_paths),
@@ -483,6 +488,8 @@ class Layout:
     each) and a last value, 1.0 on a spike step.
     """
 
+    # The result keys in reading order: every tap visit (one pass), or
+    # `<pass>/<probe>` of those measured (several passes).
     order: list[str]
     probes: list[str]
     weights: int
