@@ -12,6 +12,7 @@ from keras_actgrad._probe import (
     strip_probes,
 )
 from keras_actgrad._report import Report, load_report
+from keras_actgrad._training_loss import TrainingLoss
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,7 @@ __all__ = [
     "GradientProbe",
     "ProbedModel",
     "Report",
+    "TrainingLoss",
     "activation_gradients",
     "attention_layers",
     "find_probes",

@@ -238,3 +238,124 @@ def test_one_optimizer_models_against_hand_replay(case):
     final = [np.array(w) for m in trained for w in getattr(model, m).get_weights()]
     for ours, theirs in zip(final, current, strict=True):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+# -- TrainingLoss: activation_gradients and the callback ---------------------
+
+
+def generator_loss(gan, latent):
+    return cm._g_loss(gan.discriminator(gan.generator(latent)))
+
+
+def generator_reference(gan, latent):
+    """d generator loss / d (gen_probe, disc_probe): one tape, by hand."""
+    g_params = tensors(params(gan.generator))
+    d_params = tensors(params(gan.discriminator))
+    x = ops.convert_to_tensor(latent)
+
+    def loss(pg, pd):
+        return cm._g_loss(mlp_forward(d_params, mlp_forward(g_params, x, pg), pd))
+
+    zeros = np.zeros((latent.shape[0], cm.HIDDEN), "float32")
+    _, grads = cm.grad(loss, tensors([zeros, zeros]))
+    return {"gen_probe": cm.numpy(grads[0]), "disc_probe": cm.numpy(grads[1])}
+
+
+def test_activation_gradients_with_a_training_loss():
+    gan = cm.gan()
+    _, latent = cm.gan_data(BATCH)
+    results = keras_actgrad.activation_gradients(
+        gan, latent, loss=keras_actgrad.TrainingLoss(generator_loss)
+    )
+    reference = generator_reference(gan, latent)
+    assert list(results) == ["gen_probe", "disc_probe"]
+    for name, gradient in reference.items():
+        np.testing.assert_allclose(results[name].gradient, gradient, rtol=1e-5, atol=1e-8)
+
+
+def test_callback_with_a_training_loss_on_a_gan():
+    gan = cm.gan()
+    real, latent = cm.gan_data(2 * BATCH)
+    callback = keras_actgrad.ActivationGradientCallback(
+        latent[:BATCH], loss=keras_actgrad.TrainingLoss(generator_loss)
+    )
+    gan.fit(real, latent, batch_size=BATCH, epochs=1, verbose=0, callbacks=[callback])
+    event = callback.events[-1]
+    reference = generator_reference(gan, latent[:BATCH])  # the trained weights
+    for name, gradient in reference.items():
+        np.testing.assert_allclose(
+            event["statistics"][name]["grad_norm"], np.linalg.norm(gradient), rtol=1e-5
+        )
+
+
+def test_a_model_without_call_names_what_to_use():
+    gan = cm.gan()
+    real, latent = cm.gan_data(BATCH)
+    with pytest.raises(ValueError, match="TrainingLoss") as error:
+        keras_actgrad.activation_gradients(gan, latent)
+    assert "Received: loss='model'" in str(error.value)
+    # The alternatives it names work on this model.
+    keras_actgrad.activation_gradients(
+        gan.discriminator, real, np.ones((BATCH, 1), "float32"),
+        loss=keras.losses.BinaryCrossentropy(from_logits=True),
+    )
+    before = weights_of(gan)
+    callback = keras_actgrad.ActivationGradientCallback(real, loss="sum")
+    with pytest.raises(ValueError, match="TrainingLoss"):
+        gan.fit(real, latent, batch_size=BATCH, verbose=0, callbacks=[callback])
+    for a, b in zip(before, weights_of(gan), strict=True):
+        np.testing.assert_array_equal(a, b)  # refused before the first step
+
+
+def test_a_loss_function_of_the_wrong_signature_is_refused():
+    def bad(y_true, y_pred, extra):
+        return 0.0
+
+    with pytest.raises(ValueError, match=r"function\(model, data\).*Received: "):
+        keras_actgrad.TrainingLoss(bad)
+    with pytest.raises(ValueError, match="Received: function=3"):
+        keras_actgrad.TrainingLoss(3)
+
+
+def test_a_loss_function_that_crosses_no_tap_is_refused_before_training():
+    gan = cm.gan()
+    real, latent = cm.gan_data(BATCH)
+    before = weights_of(gan)
+    no_probe = keras_actgrad.TrainingLoss(lambda model, data: ops.mean(data))
+    callback = keras_actgrad.ActivationGradientCallback(latent, loss=no_probe)
+    with pytest.raises(ValueError, match="runs no GradientProbe"):
+        gan.fit(real, latent, batch_size=BATCH, verbose=0, callbacks=[callback])
+    for a, b in zip(before, weights_of(gan), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_custom_step_that_crosses_no_tap_is_refused():
+    # Probes only in the frozen teacher, which no gradient reaches.
+    model = cm.distiller()
+    model.student = keras_actgrad.strip_probes(model.student)
+    x, y = cm.distillation_data(BATCH)
+    before = weights_of(model)
+    with pytest.raises(ValueError, match="reaches a tap"):
+        model.fit(
+            x, y, batch_size=BATCH, verbose=0,
+            callbacks=[keras_actgrad.GradientMonitor()],
+        )
+    # TensorFlow traces the step before running it: refused before it
+    # trains. (JAX too, but Keras's JAX `fit` keeps the weights outside the
+    # variables and does not put them back after an error; PyTorch runs
+    # the step eagerly: refused after the first.)
+    if cm.BACKEND == "tensorflow":
+        for a, b in zip(before, weights_of(model), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_optimizer_variables_accessor():
+    # The one private Keras attribute read (Keras 3.15.1): fails loudly if
+    # `BaseOptimizer._trainable_variables` moves.
+    from keras_actgrad._engine.step import optimizer_variables
+
+    gan = cm.gan()
+    got = optimizer_variables(gan.d_optimizer)
+    assert [id(v) for v in got] == [
+        id(v) for v in gan.discriminator.trainable_variables
+    ]

@@ -21,6 +21,7 @@ import numpy as np
 from keras_actgrad._context import tapping
 from keras_actgrad._layers import Site, selection_key, tapping_layers
 from keras_actgrad._statistics.moments import Moments
+from keras_actgrad._training_loss import TrainingLoss
 
 Tensor: TypeAlias = Any
 LossSpec: TypeAlias = str | Callable[..., Any]
@@ -216,17 +217,25 @@ def forward(
     training: bool,
     tap: Callable[[Any, Any], Any],
     sites: tuple[Site, ...] = (),
+    loss: Any = None,
 ) -> Any:
     """The model's forward pass with its taps recorded (call inside a scope).
 
     The taps are the model's `GradientProbe`s, or, if `sites` are given,
-    the outputs of those layers only (the probes then pass through).
+    the outputs of those layers only (the probes then pass through). With
+    a `TrainingLoss` (`loss`), its function is the forward pass (`x` is
+    the packed batch) and its loss is returned.
     """
+    def run() -> Any:
+        if isinstance(loss, TrainingLoss):
+            return loss(model, x)
+        return model(x, training=training)
+
     if not sites:
         with tapping(tap):
-            return model(x, training=training)
+            return run()
     with tapping_layers(sites, tap):
-        return model(x, training=training)
+        return run()
 
 
 # Mixed precision: the loss scale of a pass with float16 taps.
