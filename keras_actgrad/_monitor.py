@@ -207,6 +207,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self._active = False
         self._fit_model: Any = None
         self._sites: tuple[Any, ...] = ()
+        self._passes: list[list[str]] = []
 
     # Keras hooks.
 
@@ -232,6 +233,7 @@ class GradientMonitor(keras.callbacks.Callback):
             else [p.name for p in find_probes(model)]
         )
         self.probe_order = order
+        self._passes = []
         if (
             self.log_dir is not None
             and self._writer is None
@@ -322,6 +324,7 @@ class GradientMonitor(keras.callbacks.Callback):
             # A custom step's keys (`<pass>/<probe>` for several passes),
             # known once traced: those of its last trace, in reading order.
             self.probe_order = list(monitored.layout.order)
+            self._passes = list(monitored.layout.passes)
         event = unpack(vector, monitored.layout, monitored.config, step, self._epoch)
         event["spike_threshold"] = monitored.threshold
         self._finish_event(event)
@@ -398,9 +401,12 @@ class GradientMonitor(keras.callbacks.Callback):
         )
 
     def _alert(self, step: int, statistics: dict[str, dict[str, float]]) -> None:
-        self._alerts.check(
-            self._fit_model, f"at training step {step}", self.probe_order, statistics
-        )
+        # A custom step's passes are checked one by one: the first-to-last
+        # ratio compares the taps of one backward pass.
+        for order in self._passes or [self.probe_order]:
+            self._alerts.check(
+                self._fit_model, f"at training step {step}", order, statistics
+            )
 
     # In-memory results.
 

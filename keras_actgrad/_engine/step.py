@@ -130,6 +130,11 @@ _NO_TAP_CROSSED = (
 )
 
 
+def order_of(label: str, keys: dict[tuple[int, str], str]) -> list[str]:
+    """The keys of the pass labelled `label` (`<label>/<probe>`)."""
+    return [key for key in keys.values() if key.startswith(f"{label}/")]
+
+
 def _base_path(path: str) -> str:
     return re.sub(r"@\d+$", "", path)
 
@@ -456,7 +461,9 @@ class _Trace:
             full_names = list(self.full_names)
             parts.append(ops.reshape(self.full, (-1,)))
             parts.append(ops.reshape(self.spike, (1,)))
-        if len(self.pass_labels()) > 1:
+        labels = self.pass_labels()
+        groups = [order_of(labels[index], keys) for index in labels]
+        if len(labels) > 1:
             order = names
         else:
             # One pass: every visit, as Keras's own step reports them.
@@ -469,6 +476,7 @@ class _Trace:
             weight_has_gradient=list(self.has_gradient),
             spike=self.full is not None,
             full_probes=full_names,
+            passes=groups if len(groups) > 1 else [],
         )
         if not parts:
             return ops.zeros((0,), "float32")
@@ -497,6 +505,8 @@ class Layout:
     weight_has_gradient: list[bool]
     spike: bool
     full_probes: list[str]
+    # Several passes (a custom step): each pass's keys, in reading order.
+    passes: list[list[str]] = dataclasses.field(default_factory=list)
 
 
 class _DataWithThreshold:
