@@ -169,9 +169,7 @@ class GAN(keras.Model):
 
         fake = gen(g_vars)
         d_loss, grads = jax.value_and_grad(
-            lambda d: discriminator_loss(
-                *self._judge(real, fake, lambda x: disc(d, x))
-            )
+            lambda d: discriminator_loss(*self._judge(real, fake, lambda x: disc(d, x)))
         )(d_vars)
         d_vars, _ = self.d_optimizer.stateless_apply(
             [v.value for v in self.d_optimizer.variables], grads, d_vars

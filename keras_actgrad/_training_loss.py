@@ -94,12 +94,3 @@ def pack(x: Any, y: Any, sample_weight: Any) -> Any:
     if sample_weight is None:
         return (x, y)
     return (x, y, sample_weight)
-
-
-def _accepts_training(fn: Callable[..., Any]) -> bool:
-    try:
-        return "training" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-

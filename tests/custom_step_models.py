@@ -62,9 +62,7 @@ def mlp(name, inputs, outputs, activation="tanh"):
 
 
 def bce(labels, logits):
-    return ops.mean(
-        keras.losses.binary_crossentropy(labels, logits, from_logits=True)
-    )
+    return ops.mean(keras.losses.binary_crossentropy(labels, logits, from_logits=True))
 
 
 # -- GAN -------------------------------------------------------------------
@@ -108,12 +106,12 @@ class _GANTensorFlow(_GANBase):
             d_loss = _d_loss(d_out, n)
         weights = self.discriminator.trainable_weights
         grads = tape.gradient(d_loss, weights)
-        self.d_optimizer.apply_gradients(zip(grads, weights))
+        self.d_optimizer.apply_gradients(zip(grads, weights, strict=True))
         with tf.GradientTape() as tape:
             g_loss = _g_loss(self.discriminator(self.generator(latent)))
         weights = self.generator.trainable_weights
         grads = tape.gradient(g_loss, weights)
-        self.g_optimizer.apply_gradients(zip(grads, weights))
+        self.g_optimizer.apply_gradients(zip(grads, weights, strict=True))
         return {"d_loss": d_loss, "g_loss": g_loss}
 
 
@@ -263,13 +261,18 @@ class _OneOptimizer(keras.Model):
         trainable, non_trainable, optimizer_variables, metrics_variables = state
         non_trainable_values = {
             id(v): value
-            for v, value in zip(self.non_trainable_variables, non_trainable, strict=True)
+            for v, value in zip(
+                self.non_trainable_variables, non_trainable, strict=True
+            )
         }
 
         def loss_fn(trainable):
             values = dict(non_trainable_values)
             values.update(
-                {id(v): t for v, t in zip(self.trainable_variables, trainable, strict=True)}
+                {
+                    id(v): t
+                    for v, t in zip(self.trainable_variables, trainable, strict=True)
+                }
             )
 
             def call(model, x):
@@ -371,9 +374,9 @@ def distillation_loss(y, teacher_logits, student_logits):
     )
     soft_teacher = ops.softmax(teacher_logits / TEMPERATURE)
     soft_student = ops.softmax(student_logits / TEMPERATURE)
-    distill = ops.mean(
-        keras.losses.kl_divergence(soft_teacher, soft_student)
-    ) * (TEMPERATURE**2)
+    distill = ops.mean(keras.losses.kl_divergence(soft_teacher, soft_student)) * (
+        TEMPERATURE**2
+    )
     loss = ALPHA * student_loss + (1 - ALPHA) * distill
     return loss, {"loss": loss, "distillation_loss": distill}
 

@@ -83,7 +83,9 @@ def replay_gan(d_params, g_params, real, latent):
 
 
 def params(model):
-    return [np.array(v.numpy() if hasattr(v, "numpy") else v) for v in model.get_weights()]
+    return [
+        np.array(v.numpy() if hasattr(v, "numpy") else v) for v in model.get_weights()
+    ]
 
 
 def fit_gan(callbacks, steps=3):
@@ -91,7 +93,12 @@ def fit_gan(callbacks, steps=3):
     real, latent = cm.gan_data(BATCH * steps)
     start = (params(model.discriminator), params(model.generator))
     model.fit(
-        real, latent, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
+        real,
+        latent,
+        batch_size=BATCH,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
         callbacks=callbacks,
     )
     return model, start, (real, latent)
@@ -120,10 +127,15 @@ def test_gan_two_passes_against_hand_replay():
                 rtol=1e-5,
                 err_msg=f"step {step}, {key}",
             )
-        for paths, grads, lr in ((d_paths, d_grads, cm.LR_D), (g_paths, g_grads, cm.LR_G)):
+        for paths, grads, lr in (
+            (d_paths, d_grads, cm.LR_D),
+            (g_paths, g_grads, cm.LR_G),
+        ):
             for path, gradient in zip(paths, grads, strict=True):
                 np.testing.assert_allclose(
-                    event["weight_grad_norms"][path], np.linalg.norm(gradient), rtol=1e-5
+                    event["weight_grad_norms"][path],
+                    np.linalg.norm(gradient),
+                    rtol=1e-5,
                 )
                 np.testing.assert_allclose(
                     event["update_norms"][path],
@@ -146,9 +158,7 @@ def test_gan_two_passes_against_hand_replay():
 
 def test_gan_training_unchanged_bit_for_bit():
     plain, _, _ = fit_gan([])
-    monitor = keras_actgrad.GradientMonitor(
-        statistics=None, histograms_every_n_steps=2
-    )
+    monitor = keras_actgrad.GradientMonitor(statistics=None, histograms_every_n_steps=2)
     monitored, _, _ = fit_gan([monitor])
     for a, b in zip(weights_of(plain), weights_of(monitored), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -179,8 +189,22 @@ def distillation_reference(teacher):
 CASES = {
     # model, data, trained sub-models, probes the step's pass crosses,
     # probes it does not (NaN gradient), learning rate
-    "vae": (cm.vae, cm.vae_data, ("encoder", "decoder"), ("enc_probe", "dec_probe"), (), cm.LR_VAE),
-    "distillation": (cm.distiller, cm.distillation_data, ("student",), ("student_probe",), ("teacher_probe",), cm.LR_STUDENT),
+    "vae": (
+        cm.vae,
+        cm.vae_data,
+        ("encoder", "decoder"),
+        ("enc_probe", "dec_probe"),
+        (),
+        cm.LR_VAE,
+    ),
+    "distillation": (
+        cm.distiller,
+        cm.distillation_data,
+        ("student",),
+        ("student_probe",),
+        ("teacher_probe",),
+        cm.LR_STUDENT,
+    ),
 }
 
 
@@ -193,7 +217,15 @@ def test_one_optimizer_models_against_hand_replay(case):
     def fit(callbacks):
         model = build()
         start = [np.array(w) for m in trained for w in getattr(model, m).get_weights()]
-        model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
+        model.fit(
+            x,
+            y,
+            batch_size=BATCH,
+            epochs=1,
+            shuffle=False,
+            verbose=0,
+            callbacks=callbacks,
+        )
         return model, start
 
     plain, _ = fit([])
@@ -215,14 +247,16 @@ def test_one_optimizer_models_against_hand_replay(case):
         zeros = [np.zeros((BATCH, cm.HIDDEN), "float32") for _ in crossed]
         n = len(current)
 
-        def loss(*ts):
+        def loss(*ts, n=n, batch=batch):
             return loss_ref(list(ts[:n]), list(ts[n:]), batch)
 
         _, grads = cm.grad(loss, tensors(current + zeros))
         grads = [cm.numpy(g) for g in grads]
         for name, gradient in zip(crossed, grads[n:], strict=True):
             np.testing.assert_allclose(
-                event["statistics"][name]["grad_norm"], np.linalg.norm(gradient), rtol=1e-5
+                event["statistics"][name]["grad_norm"],
+                np.linalg.norm(gradient),
+                rtol=1e-5,
             )
         for name in uncrossed:
             assert np.isnan(event["statistics"][name]["grad_norm"])
@@ -270,7 +304,9 @@ def test_activation_gradients_with_a_training_loss():
     reference = generator_reference(gan, latent)
     assert list(results) == ["gen_probe", "disc_probe"]
     for name, gradient in reference.items():
-        np.testing.assert_allclose(results[name].gradient, gradient, rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(
+            results[name].gradient, gradient, rtol=1e-5, atol=1e-8
+        )
 
 
 def test_callback_with_a_training_loss_on_a_gan():
@@ -296,7 +332,9 @@ def test_a_model_without_call_names_what_to_use():
     assert "Received: loss='model'" in str(error.value)
     # The alternatives it names work on this model.
     keras_actgrad.activation_gradients(
-        gan.discriminator, real, np.ones((BATCH, 1), "float32"),
+        gan.discriminator,
+        real,
+        np.ones((BATCH, 1), "float32"),
         loss=keras.losses.BinaryCrossentropy(from_logits=True),
     )
     before = weights_of(gan)
@@ -337,7 +375,10 @@ def test_a_custom_step_that_crosses_no_tap_is_refused():
     before = weights_of(model)
     with pytest.raises(ValueError, match="reaches a tap"):
         model.fit(
-            x, y, batch_size=BATCH, verbose=0,
+            x,
+            y,
+            batch_size=BATCH,
+            verbose=0,
             callbacks=[keras_actgrad.GradientMonitor()],
         )
     # TensorFlow traces the step before running it: refused before it

@@ -226,6 +226,7 @@ def forward(
     a `TrainingLoss` (`loss`), its function is the forward pass (`x` is
     the packed batch) and its loss is returned.
     """
+
     def run() -> Any:
         if isinstance(loss, TrainingLoss):
             return loss(model, x)

@@ -159,8 +159,8 @@ class JaxAdapter:
             ) + list(zip(model.non_trainable_variables, non_trainable, strict=True))
             with keras.StatelessScope(state_mapping=mapping, collect_losses=True):
                 y_pred = forward(
-                        model, x, config.training, recorder.tap, config.sites, config.loss
-                    )
+                    model, x, config.training, recorder.tap, config.sites, config.loss
+                )
                 loss = jnp.asarray(
                     loss_fn(x, y, y_pred, sample_weight), dtype=jnp.float32
                 )

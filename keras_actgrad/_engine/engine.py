@@ -34,9 +34,9 @@ from keras_actgrad._engine.inputs import (
     standardize,
 )
 from keras_actgrad._engine.losses import needs_labels, resolve_loss
-from keras_actgrad._training_loss import TrainingLoss, pack
 from keras_actgrad._layers import reached as reached_site
 from keras_actgrad._probe import GradientProbe, find_probes
+from keras_actgrad._training_loss import TrainingLoss, pack
 
 # Compiled passes kept per model (least recently used dropped).
 MAX_COMPILED_FUNCTIONS = 16

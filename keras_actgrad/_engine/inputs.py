@@ -124,7 +124,9 @@ def check_inputs(model: keras.Model | None, x: Any) -> None:
             "The probe batch is empty: it has 0 examples. Pass at least one "
             f"example. Received: x={describe(x)}."
         )
-    declared = None if model is None else _declared_inputs(model)
+    if model is None:  # a `TrainingLoss`'s batch: read by its function
+        return
+    declared = _declared_inputs(model)
     if declared is None:
         return
     specs = keras.tree.flatten(declared)

@@ -15,6 +15,13 @@ from keras_actgrad._training_loss import TrainingLoss
 _NAMED_LOSSES = ("model", "sum")
 
 
+def _accepts_training(fn: Callable[..., Any]) -> bool:
+    try:
+        return "training" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def loss_name(function: Callable[..., Any]) -> str:
     """A name for a loss callable that TensorFlow accepts as a scope name.
 

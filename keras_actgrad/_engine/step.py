@@ -366,9 +366,7 @@ class _Trace:
             count = sum(1 for p in self.weight_paths if _base_path(p) == path)
             self.weight_paths.append(path if count == 0 else f"{path}@{count}")
         self.has_gradient += [g is not None for g in grads]
-        self._applied.append(
-            self._probe_class.weight_squares(grads, old, new, scale)
-        )
+        self._applied.append(self._probe_class.weight_squares(grads, old, new, scale))
         self.weights = (
             self._applied[0]
             if len(self._applied) == 1
@@ -736,7 +734,11 @@ class MonitoredStep:
         monitor = self
 
         def finish(trace: _Trace, logs: Any) -> dict[str, Any]:
-            if monitor.custom and monitor.config.spike_bins and trace.weights is not None:
+            if (
+                monitor.custom
+                and monitor.config.spike_bins
+                and trace.weights is not None
+            ):
                 trace.record_spike(
                     monitor._jax_threshold
                     if backend.stateless
