@@ -391,7 +391,7 @@ def test_a_custom_step_that_crosses_no_tap_is_refused():
 def test_optimizer_variables_accessor():
     # The one private Keras attribute read (Keras 3.15.1): fails loudly if
     # `BaseOptimizer._trainable_variables` moves.
-    from keras_actgrad._engine.step import optimizer_variables
+    from keras_actgrad._engine.passes import optimizer_variables
 
     gan = cm.gan()
     got = optimizer_variables(gan.d_optimizer)

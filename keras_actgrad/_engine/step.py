@@ -38,6 +38,16 @@ import keras
 from keras_actgrad._backends import replicas, step_hooks, step_moments_class
 from keras_actgrad._backends.base import StepHooks
 from keras_actgrad._context import tapping
+from keras_actgrad._engine.passes import (
+    NO_TAP_CROSSED,
+    Pass,
+    base_path,
+    held_optimizers,
+    no_scale,
+    observer,
+    order_of,
+    wrap_backward,
+)
 from keras_actgrad._layers import Site, tapping_layers
 from keras_actgrad._statistics.moments import Moments
 from keras_actgrad._statistics.statistics import STATISTICS, moments_for
@@ -119,40 +129,6 @@ def _unreached_row(probe: Moments, moments: tuple[str, ...], bins: int) -> Tenso
     return ops.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
-_NO_TAP_CROSSED = (
-    "`GradientMonitor` found no backward pass of the training step that "
-    "reaches a tap: no gradient of any loss the step differentiates flows "
-    "through a `GradientProbe` (or a layer selected with `layers=`). Place "
-    "the probes in the sub-models the step differentiates (e.g. "
-    "`keras_actgrad.insert_probes(discriminator)` before building the "
-    "model), or select their layers with `layers=`. Received: a custom "
-    "`train_step` whose backward passes cross no tap."
-)
-
-
-def order_of(label: str, keys: dict[tuple[int, str], str]) -> list[str]:
-    """The keys of the pass labelled `label` (`<label>/<probe>`)."""
-    return [key for key in keys.values() if key.startswith(f"{label}/")]
-
-
-def _base_path(path: str) -> str:
-    return re.sub(r"@\d+$", "", path)
-
-
-@dataclasses.dataclass(eq=False)
-class _Pass:
-    """One backward pass of a custom training step."""
-
-    index: int
-    # `id`s of the gradient tensors it returned (matched at `apply`).
-    outputs: set[int] = dataclasses.field(default_factory=set)
-    # Labels of the optimizers that applied its gradients.
-    optimizers: list[str] = dataclasses.field(default_factory=list)
-
-    def open(self, scopes: list[_Pass]) -> bool:
-        return any(scope is self for scope in scopes)
-
-
 class _Trace:
     """What one trace of the monitored step records (backend tensors)."""
 
@@ -172,8 +148,8 @@ class _Trace:
         self.rows: dict[tuple[int, str], Tensor] = {}
         self.stash: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
         self.weights: Tensor | None = None
-        self.passes: list[_Pass] = []
-        self._scopes: list[_Pass] = []
+        self.passes: list[Pass] = []
+        self._scopes: list[Pass] = []
         self._forward_since_gradient = True
         # Per optimizer application: its weight squares (3, n).
         self._applied: list[Tensor] = []
@@ -232,9 +208,9 @@ class _Trace:
     # -- backward passes (a custom `train_step`)
 
     @contextlib.contextmanager
-    def backward_pass(self) -> Iterator[_Pass]:
+    def backward_pass(self) -> Iterator[Pass]:
         """The scope of one backward pass (a call of `tape.gradient`, ...)."""
-        current = _Pass(len(self.passes))
+        current = Pass(len(self.passes))
         self.passes.append(current)
         self._scopes.append(current)
         try:
@@ -255,7 +231,7 @@ class _Trace:
         if self._scopes:
             return self._scopes[-1].index
         if self._forward_since_gradient or not self.passes:
-            self.passes.append(_Pass(len(self.passes)))
+            self.passes.append(Pass(len(self.passes)))
         self._forward_since_gradient = False
         return self.passes[-1].index
 
@@ -363,7 +339,7 @@ class _Trace:
         # Several applications (a custom step's optimizers): one after the
         # other; a variable updated twice gets `@1` on its second path.
         for path in paths:
-            count = sum(1 for p in self.weight_paths if _base_path(p) == path)
+            count = sum(1 for p in self.weight_paths if base_path(p) == path)
             self.weight_paths.append(path if count == 0 else f"{path}@{count}")
         self.has_gradient += [g is not None for g in grads]
         self._applied.append(self._probe_class.weight_squares(grads, old, new, scale))
@@ -446,7 +422,7 @@ class _Trace:
                     self.config.bins,
                 )
         if self.custom and not self.rows:
-            raise ValueError(_NO_TAP_CROSSED)
+            raise ValueError(NO_TAP_CROSSED)
         keys = self.keys(self.rows)
         names = list(keys.values())
         parts = [self.rows[key] for key in keys]
@@ -693,15 +669,15 @@ class MonitoredStep:
         backend = _backend()
         observe = bool(self.config.weight_gradients or self.config.spike_bins)
         restore: list[tuple[Any, str, Any]] = []
-        optimizers = _optimizers(self.model)
+        optimizers = held_optimizers(self.model)
         try:
             for owner, name, kind in backend.backward_functions():
                 original = getattr(owner, name)
                 restore.append((owner, name, original))
-                setattr(owner, name, _wrap_backward(trace, original, kind))
+                setattr(owner, name, wrap_backward(trace, original, kind))
             for label, optimizer in optimizers:
                 name = "stateless_apply" if backend.stateless else "apply"
-                function = _observer(trace, label, optimizer, observe, self._scale)
+                function = observer(trace, label, optimizer, observe, self._scale)
                 object.__setattr__(optimizer, name, function)
             if self.sites:
                 with tapping_layers(self.sites, trace.tap):
@@ -771,7 +747,7 @@ class MonitoredStep:
                         return s if factor is None else s * factor
 
                 if monitor.custom:
-                    scale = _no_scale
+                    scale = no_scale
                 trace = _Trace(monitor.config, scale, monitor.custom)
                 with monitor._instrumented(trace):
                     logs, state = step_class(model, state, data)
@@ -782,7 +758,7 @@ class MonitoredStep:
             def train_step(data: Any) -> Any:  # type: ignore[misc]
                 trace = _Trace(
                     monitor.config,
-                    _no_scale if monitor.custom else monitor._scale(model.optimizer),
+                    no_scale if monitor.custom else monitor._scale(model.optimizer),
                     monitor.custom,
                 )
                 with monitor._instrumented(trace):
@@ -806,128 +782,3 @@ class MonitoredStep:
         logs = dict(self._function(*args))
         self.payload = logs.pop(PAYLOAD_KEY)
         return logs
-
-
-def _no_scale() -> None:
-    # A custom step's taps: the gradients of the loss it differentiates.
-    return None
-
-
-def _optimizers(model: keras.Model) -> list[tuple[str, Any]]:
-    """The optimizers the model holds, each labelled by its attribute name."""
-    found: dict[int, tuple[str, Any]] = {}
-    for name, value in vars(model).items():
-        if isinstance(value, keras.optimizers.Optimizer) and id(value) not in found:
-            found[id(value)] = (name.lstrip("_") or name, value)
-    return list(found.values())
-
-
-def optimizer_variables(optimizer: Any) -> list[Any]:
-    """The trainable variables `optimizer` was built for, in its order.
-
-    Keras 3.15.1 keeps them in `BaseOptimizer._trainable_variables` (set by
-    `build`), with no public twin; `stateless_apply` takes their values in
-    that order. (tests/test_custom_step.py fails loudly if it moves.)
-    """
-    return list(getattr(optimizer, "_trainable_variables", None) or [])
-
-
-def _wrap_backward(trace: _Trace, original: Any, kind: str) -> Any:
-    """`original`, run inside a `trace.backward_pass()` scope.
-
-    `kind`: `"call"`, the function takes the backward pass and returns the
-    gradients (`tape.gradient`, `torch.autograd.grad`); `"transform"`, it
-    returns a function that does (`jax.grad`); `"vjp"`, it returns
-    `(outputs, pullback, ...)` and the pullback does (`jax.vjp`).
-    """
-
-    def scoped(function: Any) -> Any:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            with trace.backward_pass() as current:
-                result = function(*args, **kwargs)
-            current.outputs.update(
-                id(leaf) for leaf in keras.tree.flatten(result) if leaf is not None
-            )
-            return result
-
-        return call
-
-    if kind == "call":
-        return scoped(original)
-    if kind == "transform":
-
-        def transform(*args: Any, **kwargs: Any) -> Any:
-            return scoped(original(*args, **kwargs))
-
-        return transform
-
-    def vjp(*args: Any, **kwargs: Any) -> Any:
-        result = original(*args, **kwargs)
-        return (result[0], scoped(result[1]), *result[2:])
-
-    return vjp
-
-
-def _observer(
-    trace: _Trace,
-    label: str,
-    optimizer: Any,
-    observe: bool,
-    scale_of: Callable[[Any], Callable[[], Tensor | None]],
-) -> Callable[..., Any]:
-    """`optimizer.apply` (or `stateless_apply`) observed for `trace`."""
-    backend = _backend()
-    scale = scale_of(optimizer)
-
-    def paths(count: int) -> list[str]:
-        names = [v.path for v in optimizer_variables(optimizer)]
-        if len(names) != count:
-            names = [f"{label}/variable_{i}" for i in range(count)]
-        return names
-
-    if backend.stateless:
-        original_stateless = optimizer.stateless_apply
-
-        def stateless_apply(
-            optimizer_variables: Any, grads: Any, trainable_variables: Any
-        ) -> Any:
-            trace.applied(label, list(grads))
-            new_trainable, new_optimizer = original_stateless(
-                optimizer_variables, grads, trainable_variables
-            )
-            if observe:
-                trace.observe(
-                    paths(len(list(grads))),
-                    list(grads),
-                    list(trainable_variables),
-                    list(new_trainable),
-                    scale(),
-                )
-            return new_trainable, new_optimizer
-
-        return stateless_apply
-
-    original = optimizer.apply
-
-    def apply(grads: Any, trainable_variables: Any = None) -> Any:
-        grads = list(grads)
-        variables = (
-            optimizer_variables(optimizer)
-            if trainable_variables is None
-            else list(trainable_variables)
-        )
-        trace.applied(label, grads)
-        factor = scale()
-        old = [backend.copy(v.value) for v in variables] if observe else []
-        result = original(grads, trainable_variables)
-        if observe:
-            trace.observe(
-                [v.path for v in variables],
-                grads,
-                old,
-                [v.value for v in variables],
-                factor,
-            )
-        return result
-
-    return apply
