@@ -398,3 +398,27 @@ def test_optimizer_variables_accessor():
     assert [id(v) for v in got] == [
         id(v) for v in gan.discriminator.trainable_variables
     ]
+
+
+def test_gan_layers_selected_in_place():
+    # `layers=`: the hidden Dense layers of both sub-models, measured in
+    # place; each feeds its probe unchanged, so its gradient is the probe's.
+    monitor = keras_actgrad.GradientMonitor(layers=["disc_hidden", "gen_hidden"])
+    model, (d_params, g_params), (real, latent) = fit_gan([monitor], steps=1)
+    disc = model.discriminator.get_layer("disc_hidden").path
+    gen = model.generator.get_layer("gen_hidden").path
+    assert monitor.probe_order == [
+        f"d_optimizer/{disc}",
+        f"g_optimizer/{gen}",
+        f"g_optimizer/{disc}",
+    ]
+    taps, *_ = replay_gan(d_params, g_params, real, latent)
+    statistics = monitor.events[0]["statistics"]
+    for key, name in (
+        (f"d_optimizer/{disc}", "d_optimizer/disc_probe"),
+        (f"g_optimizer/{gen}", "g_optimizer/gen_probe"),
+        (f"g_optimizer/{disc}", "g_optimizer/disc_probe"),
+    ):
+        np.testing.assert_allclose(
+            statistics[key]["grad_norm"], np.linalg.norm(taps[name]), rtol=1e-5
+        )
