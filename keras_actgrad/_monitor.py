@@ -94,6 +94,15 @@ class GradientMonitor(keras.callbacks.Callback):
     norms are of the gradients summed over the replicas. Other distributed
     setups are refused in `on_train_begin`.
 
+    A model that overrides `train_step` (a GAN, a VAE, a distillation
+    model; see the guide "A custom train_step") is measured in each
+    backward pass its step takes (`tape.gradient`, `jax.grad` /
+    `value_and_grad` / `vjp`, `loss.backward()` / `torch.autograd.grad`):
+    with several passes, a tap's key is `<pass>/<probe>`, the pass named
+    after the model attribute holding the optimizer that applied its
+    gradients (`g_optimizer/disc_probe`), or `pass<i>`. Every optimizer the
+    model holds is observed.
+
     Where the numbers go: `events` (kind `"step"`, `step` = global step
     after the update), TensorBoard (`<log_dir>/actgrad/`, prefixes
     `actgrad_step/` and `actgrad_weights_step/`, step = global step), and the
@@ -129,10 +138,11 @@ class GradientMonitor(keras.callbacks.Callback):
 
     Raises:
         ValueError: for invalid arguments (here), and in `on_train_begin` for
-            a model without probes, a model whose class overrides
-            `train_step` (use `ActivationGradientCallback`),
-            `steps_per_execution` > 1, or a distributed setup other than
-            those above.
+            a model without probes, `steps_per_execution` > 1, a
+            distributed setup other than those above, or a model that
+            overrides `train_step` under a distribution; when the step is
+            first traced (PyTorch: run), for a custom `train_step` whose
+            backward passes reach no tap.
     """
 
     def __init__(

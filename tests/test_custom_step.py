@@ -422,3 +422,15 @@ def test_gan_layers_selected_in_place():
         np.testing.assert_allclose(
             statistics[key]["grad_norm"], np.linalg.norm(taps[name]), rtol=1e-5
         )
+
+
+def test_a_training_loss_is_not_split_into_chunks():
+    gan = cm.gan()
+    _, latent = cm.gan_data(BATCH)
+    with pytest.raises(ValueError, match="probe_batch_size=None"):
+        keras_actgrad.activation_gradients(
+            gan,
+            latent,
+            loss=keras_actgrad.TrainingLoss(generator_loss),
+            probe_batch_size=4,
+        )
