@@ -434,3 +434,65 @@ def test_a_training_loss_is_not_split_into_chunks():
             loss=keras_actgrad.TrainingLoss(generator_loss),
             probe_batch_size=4,
         )
+
+
+class _WGANGP(cm._GANBase):
+    """keras.io's WGAN-GP shape: two critic updates per step, each with a
+    gradient penalty (an inner tape inside the outer one)."""
+
+    def train_step(self, data):
+        import tensorflow as tf
+
+        real, latent = data
+        for _ in range(2):
+            with tf.GradientTape() as tape:
+                fake = self.generator(latent)
+                mixed = 0.3 * real + 0.7 * fake
+                with tf.GradientTape() as gp_tape:
+                    gp_tape.watch(mixed)
+                    critic = self.discriminator(mixed)
+                slopes = gp_tape.gradient(critic, [mixed])[0]
+                norms = ops.sqrt(ops.sum(ops.square(slopes), axis=1))
+                penalty = ops.mean((norms - 1.0) ** 2)
+                d_loss = (
+                    ops.mean(self.discriminator(fake))
+                    - ops.mean(self.discriminator(real))
+                    + 10.0 * penalty
+                )
+            weights = self.discriminator.trainable_weights
+            grads = tape.gradient(d_loss, weights)
+            self.d_optimizer.apply_gradients(zip(grads, weights, strict=True))
+        with tf.GradientTape() as tape:
+            g_loss = -ops.mean(self.discriminator(self.generator(latent)))
+        weights = self.generator.trainable_weights
+        grads = tape.gradient(g_loss, weights)
+        self.g_optimizer.apply_gradients(zip(grads, weights, strict=True))
+        return {"d_loss": d_loss, "g_loss": g_loss}
+
+
+@pytest.mark.requires_tensorflow(reason="a tf.GradientTape step")
+def test_wgan_gp_nested_and_repeated_passes():
+    def fit(callbacks):
+        keras.utils.set_random_seed(0)
+        model = _WGANGP(name="wgan")
+        model.compile(keras.optimizers.Adam(1e-3), keras.optimizers.Adam(1e-3))
+        real, latent = cm.gan_data(2 * BATCH)
+        model.fit(real, latent, batch_size=BATCH, verbose=0, callbacks=callbacks)
+        return model
+
+    monitor = keras_actgrad.GradientMonitor()
+    monitored, plain = fit([monitor]), fit([])
+    for a, b in zip(weights_of(plain), weights_of(monitored), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # The penalty's inner passes are applied by no optimizer (`pass<i>`);
+    # the critic's two updates are `d_optimizer` and `d_optimizer@1`.
+    labels = list(dict.fromkeys(key.split("/")[0] for key in monitor.probe_order))
+    assert labels == ["pass0", "d_optimizer", "pass2", "d_optimizer@1", "g_optimizer"]
+    event = monitor.events[-1]
+    d_paths = [v.path for v in monitored.discriminator.trainable_variables]
+    for path in d_paths:  # updated twice in the step
+        assert path in event["weight_grad_norms"]
+        assert f"{path}@1" in event["weight_grad_norms"]
+    assert all(
+        np.isfinite(values["grad_norm"]) for values in event["statistics"].values()
+    )
