@@ -20,6 +20,7 @@ if TYPE_CHECKING:
         strip_probes,
     )
     from keras_actgrad._report import Report, load_report
+    from keras_actgrad._training_loss import TrainingLoss
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,7 @@ __all__ = [
     "GradientProbe",
     "ProbedModel",
     "Report",
+    "TrainingLoss",
     "activation_gradients",
     "attention_layers",
     "find_probes",
@@ -58,6 +60,7 @@ _LAZY = {
     "strip_probes": "keras_actgrad._probe",
     "Report": "keras_actgrad._report",
     "load_report": "keras_actgrad._report",
+    "TrainingLoss": "keras_actgrad._training_loss",
 }
 
 

@@ -86,9 +86,11 @@ class ActivationGradientCallback(keras.callbacks.Callback):
             with `epoch % N == 0`), a list of epoch indices, or a callable
             `epoch -> bool`. Defaults to `1` (every epoch).
         loss: The loss whose gradient is measured: `"model"` (the compiled
-            training loss), `"sum"`, a Keras loss name or a callable
-            `loss(y_true, y_pred)`, as in `activation_gradients`. Defaults
-            to `"model"`.
+            training loss), `"sum"`, a Keras loss name, a callable
+            `loss(y_true, y_pred)`, or `keras_actgrad.TrainingLoss(function)`
+            for a model that overrides `train_step` (`function(model, data)
+            -> scalar`, `data` being `x` or `(x, y)`), as in
+            `activation_gradients`. Defaults to `"model"`.
         statistics: Names of the statistics to compute and write to
             TensorBoard and `events` (see the README's statistics table), or
             `None` for all of them. Defaults to `None`.

@@ -103,6 +103,15 @@ class GradientMonitor(keras.callbacks.Callback):
     norms are of the gradients summed over the replicas. Other distributed
     setups are refused in `on_train_begin`.
 
+    A model that overrides `train_step` (a GAN, a VAE, a distillation
+    model; see the guide "A custom train_step") is measured in each
+    backward pass its step takes (`tape.gradient`, `jax.grad` /
+    `value_and_grad` / `vjp`, `loss.backward()` / `torch.autograd.grad`):
+    with several passes, a tap's key is `<pass>/<probe>`, the pass named
+    after the model attribute holding the optimizer that applied its
+    gradients (`g_optimizer/disc_probe`), or `pass<i>`. Every optimizer the
+    model holds is observed.
+
     Where the numbers go: `events` (kind `"step"`, `step` = global step
     after the update; the last `max_events`), TensorBoard
     (`<log_dir>/actgrad/`, step = global step: the global norm and the
@@ -146,9 +155,10 @@ class GradientMonitor(keras.callbacks.Callback):
 
     Raises:
         ValueError: for invalid arguments (here), and in `on_train_begin` for
-            a model without probes, a model whose class overrides
-            `train_step` (use `ActivationGradientCallback`), or a
-            distributed setup other than those above.
+            a model without probes, a distributed setup other than those
+            above, or a model that overrides `train_step` under a
+            distribution; when the step is first traced (PyTorch: run), for
+            a custom `train_step` whose backward passes reach no tap.
     """
 
     def __init__(
@@ -237,6 +247,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self._active = False
         self._fit_model: Any = None
         self._sites: tuple[Any, ...] = ()
+        self._passes: list[list[str]] = []
 
     # Keras hooks.
 
@@ -264,6 +275,7 @@ class GradientMonitor(keras.callbacks.Callback):
             else [p.name for p in find_probes(model)]
         )
         self.probe_order = order
+        self._passes = []
         if (
             self.log_dir is not None
             and self._writer is None
@@ -417,6 +429,11 @@ class GradientMonitor(keras.callbacks.Callback):
     def _record(self, monitored: MonitoredStep, step: int) -> None:
         vector = np.asarray(keras.ops.convert_to_numpy(monitored.payload), np.float64)
         monitored.payload = None
+        if monitored.custom and monitored.layout is not None:
+            # A custom step's keys (`<pass>/<probe>` for several passes),
+            # known once traced: those of its last trace, in reading order.
+            self.probe_order = list(monitored.layout.order)
+            self._passes = list(monitored.layout.passes)
         event = unpack(vector, monitored.layout, monitored.config, step, self._epoch)
         event["spike_threshold"] = monitored.threshold
         self._finish_event(event)
@@ -520,9 +537,12 @@ class GradientMonitor(keras.callbacks.Callback):
         )
 
     def _alert(self, step: int, statistics: dict[str, dict[str, float]]) -> None:
-        self._alerts.check(
-            self._fit_model, f"at training step {step}", self.probe_order, statistics
-        )
+        # A custom step's passes are checked one by one: the first-to-last
+        # ratio compares the taps of one backward pass.
+        for order in self._passes or [self.probe_order]:
+            self._alerts.check(
+                self._fit_model, f"at training step {step}", order, statistics
+            )
 
     # In-memory results.
 
@@ -652,16 +672,6 @@ def global_grad_norm(grad_sq: np.ndarray, has_gradient: Sequence[bool]) -> float
 
 
 def _check_model(model: keras.Model, probes: bool = True) -> None:
-    if type(model).train_step is not keras.Model.train_step:
-        raise ValueError(
-            f"`GradientMonitor` reads the gradients inside Keras's own training "
-            f"step, but model '{model.name}' is a {type(model).__name__} whose "
-            "class overrides `train_step`, so the monitor cannot know where its "
-            "gradients are taken. Use `keras_actgrad.ActivationGradientCallback` "
-            "(a separate probe pass, e.g. `batch_freq=1` for every step), or "
-            "drop the `train_step` override. Received: "
-            f"{type(model).__qualname__}.train_step."
-        )
     if probes and not find_probes(model):
         raise ValueError(
             f"`GradientMonitor` found no `GradientProbe` in model '{model.name}'. "
@@ -670,6 +680,17 @@ def _check_model(model: keras.Model, probes: bool = True) -> None:
             f"{len(model.layers)} layers, 0 probes."
         )
     check_distribution(model)
+    strategy = getattr(model, "distribute_strategy", None)
+    replicas = getattr(strategy, "num_replicas_in_sync", 1)
+    distributed = keras.distribution.distribution() is not None or replicas > 1
+    if type(model).train_step is not keras.Model.train_step and distributed:
+        raise ValueError(
+            "`GradientMonitor` measures a custom `train_step` on one device "
+            f"only, but model '{model.name}' is a {type(model).__name__} whose "
+            "class overrides `train_step` and is trained under a distribution. "
+            "Train it without the distribution while monitoring. Received: "
+            f"{type(model).__qualname__}.train_step under a distribution."
+        )
     if getattr(model, "optimizer", None) is None:
         raise ValueError(
             f"`GradientMonitor` needs a compiled model with an optimizer. "

@@ -153,3 +153,29 @@ def test_kerashub_transformer(tmp_path):
     assert {f"{b}/feedforward_output_dense" for b in blocks} <= set(rows)
     assert all(float(cells[0]) > 0 for cells in rows.values())
     assert "still a GPT2CausalLM" in out
+
+
+@example_on("tensorflow")
+def test_gan_vanishing_gradients(tmp_path):
+    out = run_example("gan_vanishing_gradients", tmp_path, "--png", "gan.png")
+    saturating, non_saturating = out.split("== non-saturating")
+    for run in (saturating, non_saturating):
+        assert (
+            "passes measured: d_optimizer/disc_probe, g_optimizer/gen_probe, "
+            "g_optimizer/disc_probe" in run
+        )
+
+    def epochs(text):
+        rows = re.findall(r"^\s*\d+\s+([\d.]+)\s+([\d.e+-]+)$", text, re.MULTILINE)
+        return [(float(d), float(norm)) for d, norm in rows]
+
+    sat, non_sat = epochs(saturating), epochs(non_saturating)
+    assert len(sat) == len(non_sat) == 4
+    # The discriminator wins: D(G(z)) near 0, and the saturating
+    # generator's gradient shrinks with it, 5-fold and more ...
+    assert all(d < 0.05 for d, _ in sat)
+    assert sat[-1][1] < sat[0][1] / 5
+    # ... while the non-saturating one's does not vanish.
+    assert all(norm > 0.03 for _, norm in non_sat)
+    assert sat[-1][1] < non_sat[-1][1] / 10
+    assert (tmp_path / "gan.png").stat().st_size > 0

@@ -26,6 +26,7 @@ from keras_actgrad._layers import (
     tapping_layers,
 )
 from keras_actgrad._statistics.moments import Moments
+from keras_actgrad._training_loss import TrainingLoss
 
 Tensor: TypeAlias = Any
 LossSpec: TypeAlias = str | Callable[..., Any]
@@ -221,18 +222,27 @@ def forward(
     training: bool,
     tap: Callable[[Any, Any], Any],
     sites: tuple[Site, ...] = (),
+    loss: Any = None,
 ) -> Any:
     """The model's forward pass with its taps recorded (call inside a scope).
 
     The taps are the model's `GradientProbe`s, or, if `sites` are given,
-    the outputs of those layers only (the probes then pass through).
+    the outputs of those layers only (the probes then pass through). With
+    a `TrainingLoss` (`loss`), its function is the forward pass (`x` is
+    the packed batch) and its loss is returned.
     """
+
+    def run() -> Any:
+        if isinstance(loss, TrainingLoss):
+            return loss(model, x)
+        return model(x, training=training)
+
     with remat_outside_taps(model, sites):
         if not sites:
             with tapping(tap):
-                return model(x, training=training)
+                return run()
         with tapping_layers(sites, tap):
-            return model(x, training=training)
+            return run()
 
 
 # Mixed precision: the loss scale of a pass with float16 taps.
@@ -327,6 +337,16 @@ class StepHooks(Protocol):
         `readable` says so): the activation of a tap that no gradient
         reaches (its `on_gradient` is never called). Calling it reads
         nothing.
+        """
+        ...
+
+    @staticmethod
+    def backward_functions() -> list[tuple[Any, str, str]]:
+        """The functions a custom `train_step` takes a backward pass with.
+
+        `(owner, attribute, kind)`, wrapped on `owner` while a custom step
+        is traced so that its passes are told apart; `kind` as in
+        `_engine.step._wrap_backward` (`"call"`, `"transform"`, `"vjp"`).
         """
         ...
 

@@ -158,7 +158,9 @@ class JaxAdapter:
                 zip(model.trainable_variables, trainable, strict=True)
             ) + list(zip(model.non_trainable_variables, non_trainable, strict=True))
             with keras.StatelessScope(state_mapping=mapping, collect_losses=True):
-                y_pred = forward(model, x, config.training, recorder.tap, config.sites)
+                y_pred = forward(
+                    model, x, config.training, recorder.tap, config.sites, config.loss
+                )
                 loss = jnp.asarray(
                     loss_fn(x, y, y_pred, sample_weight), dtype=jnp.float32
                 )

@@ -48,6 +48,16 @@ class JaxStepHooks:
         return identity(tensor)
 
     @staticmethod
+    def backward_functions() -> list[tuple[Any, str, str]]:
+        # A custom `train_step` differentiates with these (called as
+        # `jax.value_and_grad(...)`: the module's attributes are wrapped).
+        return [
+            (jax, "grad", "transform"),
+            (jax, "value_and_grad", "transform"),
+            (jax, "vjp", "vjp"),
+        ]
+
+    @staticmethod
     def readable(activation: Any) -> bool:
         trace = getattr(activation, "_trace", None)
         if trace is None:

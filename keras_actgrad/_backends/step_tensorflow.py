@@ -48,6 +48,11 @@ class TensorFlowStepHooks:
         return identity(tensor)
 
     @staticmethod
+    def backward_functions() -> list[tuple[Any, str, str]]:
+        # A custom `train_step` takes each backward pass with `tape.gradient`.
+        return [(tf.GradientTape, "gradient", "call")]
+
+    @staticmethod
     def readable(activation: Any) -> bool:
         if not tf.is_symbolic_tensor(activation):
             return True  # eager

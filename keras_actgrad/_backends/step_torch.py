@@ -49,6 +49,16 @@ class TorchStepHooks:
         return output
 
     @staticmethod
+    def backward_functions() -> list[tuple[Any, str, str]]:
+        # `loss.backward()` calls `torch.autograd.backward` (read from the
+        # module at each call), as a custom `train_step` may call it or
+        # `torch.autograd.grad` itself.
+        return [
+            (torch.autograd, "backward", "call"),
+            (torch.autograd, "grad", "call"),
+        ]
+
+    @staticmethod
     def readable(activation: Any) -> bool:
         return True
 

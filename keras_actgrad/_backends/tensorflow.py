@@ -228,7 +228,12 @@ class TensorFlowAdapter:
             ) as tape:
                 with probe_scope(model):
                     y_pred = forward(
-                        model, x, config.training, recorder.tap, config.sites
+                        model,
+                        x,
+                        config.training,
+                        recorder.tap,
+                        config.sites,
+                        config.loss,
                     )
                     loss = tf.cast(loss_fn(x, y, y_pred, sample_weight), tf.float32)
             on_trace(tapped)

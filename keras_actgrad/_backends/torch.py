@@ -195,7 +195,12 @@ class TorchAdapter:
             with torch.random.fork_rng(devices=_cuda_devices()), torch.enable_grad():
                 with probe_scope(model):
                     y_pred = forward(
-                        model, x, config.training, recorder.tap, config.sites
+                        model,
+                        x,
+                        config.training,
+                        recorder.tap,
+                        config.sites,
+                        config.loss,
                     )
                     loss = loss_fn(x, y, y_pred, sample_weight)
                     loss = keras.ops.cast(loss, "float32")

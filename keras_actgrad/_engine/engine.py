@@ -36,6 +36,7 @@ from keras_actgrad._engine.inputs import (
 from keras_actgrad._engine.losses import needs_labels, resolve_loss
 from keras_actgrad._layers import reached as reached_site
 from keras_actgrad._probe import GradientProbe, find_probes
+from keras_actgrad._training_loss import TrainingLoss, pack
 
 # Compiled passes kept per model (least recently used dropped).
 MAX_COMPILED_FUNCTIONS = 16
@@ -99,7 +100,20 @@ def check_model(
             "Expected a `keras.Model`. "
             f"Received: model={model!r} of type {type(model).__name__}."
         )
-    if not model.built:
+    training_loss = isinstance(loss, TrainingLoss)
+    if not training_loss and type(model).call is keras.Model.call:
+        raise ValueError(
+            f"Model '{model.name}' is a {type(model).__name__} without a "
+            "`call` method (its training is written in its `train_step`), so "
+            "the probe pass cannot run it as `model(x)`. Say what the loss "
+            "is: pass `loss=keras_actgrad.TrainingLoss(function)`, where "
+            "`function(model, data)` runs the forward pass as `train_step` "
+            "does and returns the loss (every probe it crosses is measured), "
+            "or measure a sub-model with a loss of its own, e.g. "
+            "`keras_actgrad.activation_gradients(model.discriminator, x, y, "
+            f"loss=...)`. Received: loss={loss!r}."
+        )
+    if not model.built and not training_loss:
         raise ValueError(
             f"Model '{model.name}' has not been built yet, so it has no weights "
             "to probe. Build it first: give it an input shape "
@@ -217,6 +231,12 @@ class ProbeEngine:
     ) -> Batch:
         """Checks a batch against the model and moves it to the device."""
         x, y, sample_weight = standardize(x), standardize(y), standardize(sample_weight)
+        if isinstance(loss, TrainingLoss):
+            # The function reads the batch as `train_step` does.
+            check_batch_sizes(x, y, sample_weight)
+            data = pack(x, y, sample_weight)
+            check_inputs(None, data)
+            return Batch(_to_device(data), None, None)
         check_inputs(self.model, x)
         check_batch_sizes(x, y, sample_weight)
         check_labels(y, sample_weight, loss)
@@ -270,6 +290,15 @@ class ProbeEngine:
         # subclassed model's `call` may branch on `training`), so they are
         # those of this configuration's trace.
         reached, differentiable = self._traced.get(config.key, ([], {}))
+        if isinstance(config.loss, TrainingLoss) and not reached:
+            what = "layer selected with `layers=`" if config.sites else "GradientProbe"
+            raise ValueError(
+                f"The loss function {config.loss!r} runs no {what} of model "
+                f"'{model.name}', so there is no gradient to measure. Call the "
+                "sub-models that hold the probes inside the function (the "
+                "forward pass of the loss), or place probes in the sub-models "
+                f"it calls. Received: loss={config.loss!r}, taps reached: none."
+            )
         if config.sites:
             unreached = [
                 site.name

@@ -85,8 +85,13 @@ def activation_gradients(
             is a plain function that ignores `y_true` (it then gets `None`).
         loss: `"model"` (the compiled training loss, regularization
             included), `"sum"` (the sum of all model outputs, no labels), a
-            Keras loss name, or a callable `loss(y_true, y_pred) -> scalar`
-            (any Keras loss object or function). Defaults to `"model"`.
+            Keras loss name, a callable `loss(y_true, y_pred) -> scalar`
+            (any Keras loss object or function), or
+            `keras_actgrad.TrainingLoss(function)`, the loss of a model that
+            overrides `train_step` (a GAN, a VAE): `function(model, data)`
+            runs the forward pass and returns the loss, `data` being `x`,
+            `(x, y)` or `(x, y, sample_weight)` as given. Defaults to
+            `"model"`.
         sample_weight: Optional per-example weights for the loss.
         training: Whether layers run in training mode (Dropout on,
             BatchNormalization on batch statistics). State updates are

@@ -10,6 +10,7 @@ from typing import Any
 import keras
 
 from keras_actgrad._backends.base import LossFn, LossSpec, Tensor
+from keras_actgrad._training_loss import TrainingLoss
 
 _NAMED_LOSSES = ("model", "sum")
 
@@ -51,19 +52,26 @@ class _FunctionLoss(keras.losses.Loss):
 
 def _loss_error(loss: Any) -> ValueError:
     return ValueError(
-        "`loss` must be 'model', 'sum', a Keras loss name, or a callable "
-        f"`loss(y_true, y_pred) -> scalar`. Received: loss={loss!r}."
+        "`loss` must be 'model', 'sum', a Keras loss name, a callable "
+        "`loss(y_true, y_pred) -> scalar`, or "
+        "`keras_actgrad.TrainingLoss(function)` with `function(model, data) "
+        f"-> scalar`. Received: loss={loss!r}."
     )
 
 
 def check_loss(loss: Any) -> None:
     """Checks that `loss` is a string or a callable (names resolve later)."""
+    if isinstance(loss, TrainingLoss):
+        return
     if not (isinstance(loss, str) or callable(loss)):
         raise _loss_error(loss)
 
 
 def resolve_loss(model: keras.Model, loss: LossSpec, training: bool) -> LossFn:
     """Returns `fn(x, y, y_pred, sample_weight) -> scalar` for `loss`."""
+    if isinstance(loss, TrainingLoss):
+        # The pass's forward (`base.forward`) returned the loss itself.
+        return lambda x, y, y_pred, sample_weight: y_pred
     if isinstance(loss, str) and loss == "model":
         with_training = _accepts_training(model.compute_loss)
 
@@ -128,6 +136,8 @@ def resolve_loss(model: keras.Model, loss: LossSpec, training: bool) -> LossFn:
 
 def needs_labels(loss: LossSpec) -> bool:
     """Whether `loss` needs `y` (plain callables may ignore `y_true`)."""
+    if isinstance(loss, TrainingLoss):
+        return False
     if isinstance(loss, str):
         return loss != "sum"
     return isinstance(loss, keras.losses.Loss)

@@ -26,8 +26,10 @@ tensors its backward pass recorded.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -36,6 +38,16 @@ import keras
 from keras_actgrad._backends import replicas, step_hooks, step_moments_class
 from keras_actgrad._backends.base import StepHooks
 from keras_actgrad._context import tapping
+from keras_actgrad._engine.passes import (
+    NO_TAP_CROSSED,
+    Pass,
+    base_path,
+    held_optimizers,
+    no_scale,
+    observer,
+    order_of,
+    wrap_backward,
+)
 from keras_actgrad._layers import Site, remat_outside_taps, tapping_layers
 from keras_actgrad._statistics.moments import Moments
 from keras_actgrad._statistics.statistics import STATISTICS, moments_for
@@ -120,13 +132,28 @@ def _unreached_row(probe: Moments, moments: tuple[str, ...], bins: int) -> Tenso
 class _Trace:
     """What one trace of the monitored step records (backend tensors)."""
 
-    def __init__(self, config: StepConfig, scale: Callable[[], Tensor | None]):
+    def __init__(
+        self,
+        config: StepConfig,
+        scale: Callable[[], Tensor | None],
+        custom: bool = False,
+    ):
         self.config = config
         self.scale = scale
+        # A `train_step` of the model's own: its backward passes are told
+        # apart (`_Pass`), and every optimizer it applies is observed.
+        self.custom = custom
         self.order: list[str] = []
-        self.rows: dict[str, Tensor] = {}
-        self.stash: dict[str, tuple[Tensor, Tensor]] = {}
+        # Keyed by (pass index, tap visit name); Keras's own step: pass 0.
+        self.rows: dict[tuple[int, str], Tensor] = {}
+        self.stash: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
         self.weights: Tensor | None = None
+        self.passes: list[Pass] = []
+        self._scopes: list[Pass] = []
+        self._forward_since_gradient = True
+        # Per optimizer application: its weight squares (3, n).
+        self._applied: list[Tensor] = []
+        self.weight_paths: list[str] = []
         # Per trainable variable, whether it has a gradient (trace time).
         self.has_gradient: list[bool] = []
         # JAX: the indices of the trainable variables a gradient reached,
@@ -154,6 +181,7 @@ class _Trace:
         self._calls[probe.name] = count + 1
         name = probe.name if count == 0 else f"{probe.name}@{count}"
         self.order.append(name)
+        self._forward_since_gradient = True
         if not _is_float(tensor):
             return tensor
 
@@ -163,6 +191,7 @@ class _Trace:
 
         def on_gradient(activation: Tensor, gradient: Tensor) -> None:
             self.forward.pop(name, None)
+            key = (self._current_pass(), name)
             # Under tf.distribute: the global batch's, from every replica.
             activation, gradient = self._replicas.gather(activation, gradient)
             gradient = keras.ops.cast(gradient, "float32")
@@ -170,19 +199,119 @@ class _Trace:
             if scale is not None:
                 gradient = gradient / scale
             probe_moments = self._probe_class(activation, gradient)
-            self.rows[name] = _row(probe_moments, self.config.moments, self.config.bins)
+            self.rows[key] = _row(probe_moments, self.config.moments, self.config.bins)
             if self.config.spike_bins:
-                self.stash[name] = (activation, gradient)
+                self.stash[key] = (activation, gradient)
 
         return _backend().identity(tensor, on_gradient, on_forward)
+
+    # -- backward passes (a custom `train_step`)
+
+    @contextlib.contextmanager
+    def backward_pass(self) -> Iterator[Pass]:
+        """The scope of one backward pass (a call of `tape.gradient`, ...)."""
+        current = Pass(len(self.passes))
+        self.passes.append(current)
+        self._scopes.append(current)
+        try:
+            yield current
+        finally:
+            self._scopes.pop()
+
+    def _current_pass(self) -> int:
+        """The pass of a gradient arriving at a tap now.
+
+        Keras's own step takes one pass (0). In a custom step, the pass
+        whose scope is open (`backward_pass`); outside any (a backward
+        function the monitor does not wrap), a new pass after every forward
+        visit of a tap.
+        """
+        if not self.custom:
+            return 0
+        if self._scopes:
+            return self._scopes[-1].index
+        if self._forward_since_gradient or not self.passes:
+            self.passes.append(Pass(len(self.passes)))
+        self._forward_since_gradient = False
+        return self.passes[-1].index
+
+    def applied(self, label: str, grads: list[Any]) -> None:
+        """Notes which pass's gradients the optimizer `label` applies.
+
+        The pass that returned (one of) these gradient tensors; else the
+        last pass no optimizer has applied yet (PyTorch's `backward`
+        returns nothing: the gradients are in `.grad`).
+        """
+        ids = {id(g) for g in grads if g is not None}
+        for candidate in reversed(self.passes):
+            if candidate.outputs & ids:
+                candidate.optimizers.append(label)
+                return
+        for candidate in reversed(self.passes):
+            if not candidate.optimizers and not candidate.open(self._scopes):
+                candidate.optimizers.append(label)
+                return
+
+    def pass_labels(self) -> dict[int, str]:
+        """The passes with measured taps, each named (in pass order).
+
+        A pass is named after the optimizer that applied its gradients (the
+        model attribute holding it, e.g. `d_optimizer`), `@1`, `@2`, ... for
+        that optimizer's later passes in the step; a pass no optimizer
+        applied is `pass<i>` (its index among the step's backward passes).
+        """
+        indices = sorted({index for index, _ in self.rows})
+        labels: dict[int, str] = {}
+        seen: collections.Counter[str] = collections.Counter()
+        for index in indices:
+            optimizers = self.passes[index].optimizers if self.passes else []
+            if optimizers:
+                base = optimizers[0]
+                count = seen[base]
+                seen[base] += 1
+                labels[index] = base if count == 0 else f"{base}@{count}"
+            else:
+                labels[index] = f"pass{index}"
+        return labels
+
+    def _single_pass(self) -> int:
+        """The index of the one pass with measured taps (0 if none)."""
+        labels = self.pass_labels()
+        return next(iter(labels)) if labels else 0
+
+    def keys(self, table: dict[tuple[int, str], Any]) -> dict[tuple[int, str], str]:
+        """The result key of every (pass, tap visit), in reading order.
+
+        One pass: the visit's name, as Keras's own step names it. Several:
+        `<pass label>/<probe>`, the visits of a probe numbered within each
+        pass (`<pass label>/<probe>@1` for its second visit in that pass).
+        """
+        position = {name: i for i, name in enumerate(self.order)}
+        ordered = sorted(table, key=lambda k: (k[0], position.get(k[1], 0), k[1]))
+        labels = self.pass_labels()
+        if len(labels) <= 1:
+            return {key: key[1] for key in ordered}
+        out: dict[tuple[int, str], str] = {}
+        visits: collections.Counter[tuple[int, str]] = collections.Counter()
+        for index, name in ordered:
+            base = re.sub(r"@\d+$", "", name)
+            count = visits[(index, base)]
+            visits[(index, base)] += 1
+            visit = base if count == 0 else f"{base}@{count}"
+            out[(index, name)] = f"{labels[index]}/{visit}"
+        return out
 
     def _unreached(self) -> dict[str, Tensor]:
         """The activations of the taps no gradient reached (global batch)."""
         backend = _backend()
-        out = {}
+        out: dict[str, Tensor] = {}
+        if len(self.pass_labels()) > 1:
+            # Several passes: a visit no pass reached belongs to none.
+            return out
+        reached = {name for _, name in self.rows}
         for name in sorted(self.forward):
             activation = self.forward[name]
-            if name in self.rows or not backend.readable(activation):
+            if name in reached or not backend.readable(activation):
                 continue
             out[name] = self._replicas.gather(activation, activation)[0]
         return out
@@ -207,9 +336,18 @@ class _Trace:
             grads = [g if i in reached else None for i, g in enumerate(grads)]
         # Under tf.distribute: summed over the replicas, as the optimizer does.
         grads = self._replicas.sum(grads)
-        self.weight_paths = list(paths)
-        self.has_gradient = [g is not None for g in grads]
-        self.weights = self._probe_class.weight_squares(grads, old, new, scale)
+        # Several applications (a custom step's optimizers): one after the
+        # other; a variable updated twice gets `@1` on its second path.
+        for path in paths:
+            count = sum(1 for p in self.weight_paths if base_path(p) == path)
+            self.weight_paths.append(path if count == 0 else f"{path}@{count}")
+        self.has_gradient += [g is not None for g in grads]
+        self._applied.append(self._probe_class.weight_squares(grads, old, new, scale))
+        self.weights = (
+            self._applied[0]
+            if len(self._applied) == 1
+            else keras.ops.concatenate(self._applied, axis=1)
+        )
 
     def global_sq_norm(self) -> Tensor:
         """The squared global gradient norm: over the gradients that exist.
@@ -242,9 +380,11 @@ class _Trace:
             ops.isfinite(global_norm),
             ops.greater(global_norm, ops.cast(threshold, "float32")),
         )
+        single = self._single_pass()
         for name, activation in self._unreached().items():
-            self.stash[name] = (activation, None)
-        names = sorted(self.stash)
+            self.stash[(single, name)] = (activation, None)
+        keys = self.keys(self.stash)
+        names = list(keys)
         size = self.config.full_row_size()
 
         def full() -> Tensor:
@@ -265,7 +405,7 @@ class _Trace:
             return ops.zeros((len(names), size), "float32")
 
         self.full = ops.cond(spike, full, nothing)
-        self.full_names = names
+        self.full_names = list(keys.values())
         self.spike = ops.cast(spike, "float32")
 
     def payload(self) -> Tensor:
@@ -274,14 +414,18 @@ class _Trace:
         # Only when the row reads the activation (else its NaN row is the
         # monitor's default for a missing row).
         if self.config.bins or any(m.startswith("a_") for m in self.config.moments):
+            single = self._single_pass()
             for name, activation in self._unreached().items():
-                self.rows[name] = _unreached_row(
+                self.rows[(single, name)] = _unreached_row(
                     self._probe_class(activation, None),
                     self.config.moments,
                     self.config.bins,
                 )
-        names = sorted(self.rows)
-        parts = [self.rows[name] for name in names]
+        if self.custom and not self.rows:
+            raise ValueError(NO_TAP_CROSSED)
+        keys = self.keys(self.rows)
+        names = list(keys.values())
+        parts = [self.rows[key] for key in keys]
         weights = 0
         if self.weights is not None:
             weights = int(self.weights.shape[1])
@@ -291,14 +435,22 @@ class _Trace:
             full_names = list(self.full_names)
             parts.append(ops.reshape(self.full, (-1,)))
             parts.append(ops.reshape(self.spike, (1,)))
+        labels = self.pass_labels()
+        groups = [order_of(labels[index], keys) for index in labels]
+        if len(labels) > 1:
+            order = names
+        else:
+            # One pass: every visit, as Keras's own step reports them.
+            order = list(dict.fromkeys(self.order))
         self.layout = Layout(
-            order=list(self.order),
+            order=order,
             probes=names,
             weights=weights,
-            weight_paths=list(getattr(self, "weight_paths", [])),
+            weight_paths=list(self.weight_paths),
             weight_has_gradient=list(self.has_gradient),
             spike=self.full is not None,
             full_probes=full_names,
+            passes=groups if len(groups) > 1 else [],
         )
         if not parts:
             return ops.zeros((0,), "float32")
@@ -318,6 +470,8 @@ class Layout:
     each) and a last value, 1.0 on a spike step.
     """
 
+    # The result keys in reading order: every tap visit (one pass), or
+    # `<pass>/<probe>` of those measured (several passes).
     order: list[str]
     probes: list[str]
     weights: int
@@ -325,6 +479,8 @@ class Layout:
     weight_has_gradient: list[bool]
     spike: bool
     full_probes: list[str]
+    # Several passes (a custom step): each pass's keys, in reading order.
+    passes: list[list[str]] = dataclasses.field(default_factory=list)
 
 
 class _DataWithThreshold:
@@ -358,6 +514,8 @@ class MonitoredStep:
         self.sites = sites
         self.layout: Layout | None = None
         self.weight_paths = [v.path for v in model.trainable_variables]
+        # The model's class writes its own `train_step` (a GAN, a VAE, ...).
+        self.custom = type(model).train_step is not keras.Model.train_step
         self.threshold = float("inf")
         self._threshold_variable: Any = None
         if config.spike_bins and not _backend().stateless:
@@ -397,6 +555,10 @@ class MonitoredStep:
     @contextlib.contextmanager
     def _instrumented(self, trace: _Trace) -> Iterator[None]:
         """Installs the tap and observes the optimizer, for one trace."""
+        if self.custom:
+            with self._instrumented_custom(trace):
+                yield
+            return
         model = self.model
         optimizer = model.optimizer
         config = self.config
@@ -494,6 +656,44 @@ class MonitoredStep:
             if tapped_model:
                 model.__dict__.pop("compute_loss_and_updates", None)
 
+    @contextlib.contextmanager
+    def _instrumented_custom(self, trace: _Trace) -> Iterator[None]:
+        """`_instrumented` for a `train_step` of the model's own.
+
+        The step's backward passes are told apart by wrapping the functions
+        that run one (`StepHooks.backward_functions`: `tape.gradient`,
+        `jax.grad` / `value_and_grad` / `vjp`, `torch.autograd.backward` /
+        `grad`) for the trace; every optimizer held by the model is observed
+        (`apply`, or `stateless_apply` on JAX), and notes which pass's
+        gradients it applies.
+        """
+        backend = _backend()
+        observe = bool(self.config.weight_gradients or self.config.spike_bins)
+        restore: list[tuple[Any, str, Any]] = []
+        optimizers = held_optimizers(self.model)
+        try:
+            for owner, name, kind in backend.backward_functions():
+                original = getattr(owner, name)
+                restore.append((owner, name, original))
+                setattr(owner, name, wrap_backward(trace, original, kind))
+            for label, optimizer in optimizers:
+                name = "stateless_apply" if backend.stateless else "apply"
+                function = observer(trace, label, optimizer, observe, self._scale)
+                object.__setattr__(optimizer, name, function)
+            with remat_outside_taps(self.model, self.sites):
+                if self.sites:
+                    with tapping_layers(self.sites, trace.tap):
+                        yield
+                else:
+                    with tapping(trace.tap):
+                        yield
+        finally:
+            for _, optimizer in optimizers:
+                optimizer.__dict__.pop("apply", None)
+                optimizer.__dict__.pop("stateless_apply", None)
+            for owner, name, original in reversed(restore):
+                setattr(owner, name, original)
+
     def _threshold_value(self) -> Tensor:
         return self._threshold_variable.value
 
@@ -512,6 +712,16 @@ class MonitoredStep:
         monitor = self
 
         def finish(trace: _Trace, logs: Any) -> dict[str, Any]:
+            if (
+                monitor.custom
+                and monitor.config.spike_bins
+                and trace.weights is not None
+            ):
+                trace.record_spike(
+                    monitor._jax_threshold
+                    if backend.stateless
+                    else monitor._threshold_value()
+                )
             out: dict[str, Any] = dict(logs)
             out[PAYLOAD_KEY] = trace.payload()
             monitor.layout = trace.layout
@@ -538,7 +748,9 @@ class MonitoredStep:
                         s = keras.ops.cast(value, "float32")
                         return s if factor is None else s * factor
 
-                trace = _Trace(monitor.config, scale)
+                if monitor.custom:
+                    scale = no_scale
+                trace = _Trace(monitor.config, scale, monitor.custom)
                 with monitor._instrumented(trace):
                     logs, state = step_class(model, state, data)
                 return finish(trace, logs), state
@@ -546,7 +758,11 @@ class MonitoredStep:
         else:
 
             def train_step(data: Any) -> Any:  # type: ignore[misc]
-                trace = _Trace(monitor.config, monitor._scale(model.optimizer))
+                trace = _Trace(
+                    monitor.config,
+                    no_scale if monitor.custom else monitor._scale(model.optimizer),
+                    monitor.custom,
+                )
                 with monitor._instrumented(trace):
                     logs = step_class(model, data)
                 return finish(trace, logs)

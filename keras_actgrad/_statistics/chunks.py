@@ -52,6 +52,7 @@ from keras_actgrad._statistics.statistics import (
     _finish,
     _unpack_histogram,
 )
+from keras_actgrad._training_loss import TrainingLoss
 
 # Gradient moments scaled by the chunk's share (s = n / N) and by its square.
 _LINEAR = frozenset(
@@ -99,6 +100,13 @@ def averaged(model: keras.Model, loss: Any) -> bool:
             with activity regularizers (Keras averages those over the
             batch: a chunk's would be `N / n` times too large).
     """
+    if isinstance(loss, TrainingLoss):
+        raise ValueError(
+            "`probe_batch_size` splits the probe batch into chunks, but a "
+            "`TrainingLoss` is a function of the whole batch whose reduction "
+            "over it is unknown. Pass a smaller probe batch instead, with "
+            f"probe_batch_size=None. Received: loss={loss!r}."
+        )
     if isinstance(loss, str) and loss == "sum":
         return False
     spec = model.loss if isinstance(loss, str) and loss == "model" else loss
