@@ -21,6 +21,7 @@ from keras_actgrad._arguments import (
     is_positive_int,
     writes_summaries,
 )
+from keras_actgrad._backends import processes
 from keras_actgrad._engine.distribution import check_distribution
 from keras_actgrad._engine.step import Layout, MonitoredStep, StepConfig
 from keras_actgrad._events import to_columns
@@ -88,11 +89,14 @@ class GradientMonitor(keras.callbacks.Callback):
     gradient, which an optimizer's weight decay or momentum may still move).
 
     Distribution: under `tf.distribute.MirroredStrategy` (TensorFlow) and
-    `keras.distribution.DataParallel` or `ModelParallel` (JAX, one process)
+    `keras.distribution.DataParallel` or `ModelParallel` (JAX, in one
+    process or in several whose device mesh spans them all: multi-host)
     the values are those of the global batch, equal to one device's: each
     replica gathers every replica's tapped tensors, and the weight-gradient
-    norms are of the gradients summed over the replicas. Other distributed
-    setups are refused in `on_train_begin`.
+    norms are of the gradients summed over the replicas. With several JAX
+    processes every process holds the same values; process 0 alone writes
+    `log_dir` and gives the warnings. Other distributed setups are refused
+    in `on_train_begin`.
 
     Where the numbers go: `events` (kind `"step"`, `step` = global step
     after the update), TensorBoard (`<log_dir>/actgrad/`, prefixes
@@ -370,6 +374,8 @@ class GradientMonitor(keras.callbacks.Callback):
     # Alerts.
 
     def _warn_spike(self, event: dict[str, Any]) -> None:
+        if processes().index() != 0:
+            return  # every process detects it; process 0 warns
         norms = {
             probe: values.get("grad_norm", math.nan)
             for probe, values in event["statistics"].items()
