@@ -40,7 +40,6 @@ def initialize(process_id, num_processes, port, timeouts=None):
         coordinator_bind_address=f"127.0.0.1:{port}",
         num_processes=num_processes,
         process_id=process_id,
-        initialization_timeout=60,
         **(timeouts or {}),
     )
 
@@ -177,7 +176,25 @@ def run_values(out, pid):
         }
     )
     stop(pid, report)
+    report["undistributed"] = undistributed()
     return finish(out, pid, results, report)
+
+
+def undistributed():
+    """Several processes without a distribution: each would train alone."""
+    keras.distribution.set_distribution(None)
+    found = {}
+    for name, callback in (
+        ("monitor", keras_actgrad.GradientMonitor()),
+        ("callback", keras_actgrad.ActivationGradientCallback(common.PROBE_X[:4])),
+    ):
+        model = common.build()
+        try:
+            model.fit(common.X[:8], common.Y[:8], verbose=0, callbacks=[callback])
+            found[name] = None
+        except ValueError as error:
+            found[name] = str(error)
+    return found
 
 
 def refusals(cases):

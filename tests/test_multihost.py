@@ -35,7 +35,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 TOLERANCE = 1e-4
 # A run that has not finished by then is killed (a hang fails the test).
-HARD_TIMEOUT = 240
+HARD_TIMEOUT = 600
 
 
 def free_port() -> int:
@@ -45,6 +45,7 @@ def free_port() -> int:
 
 
 def start(count: int, devices: int, out: Any, scenario: str) -> list[Any]:
+    """`count` processes of `scenario`; each one's stderr in `out`."""
     env = dict(
         os.environ,
         TF_CPP_MIN_LOG_LEVEL="3",
@@ -56,58 +57,74 @@ def start(count: int, devices: int, out: Any, scenario: str) -> list[Any]:
     )
     port = free_port()
     script = os.path.join(HERE, "_multihost_run.py")
-    return [
-        subprocess.Popen(  # noqa: S603 - our own interpreter and script
-            [sys.executable, script, str(i), str(count), str(port), str(out), scenario],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(count)
-    ]
-
-
-def wait(processes: list[Any], timeout: float = HARD_TIMEOUT) -> list[tuple[int, str]]:
-    """Every process's exit code and stderr; kills them all past `timeout`."""
-    deadline = time.monotonic() + timeout
-    results = []
-    try:
-        for process in processes:
-            _, stderr = process.communicate(
-                timeout=max(1.0, deadline - time.monotonic())
+    processes = []
+    for i in range(count):
+        with open(os.path.join(out, f"stderr-{i}.txt"), "w") as stderr:
+            processes.append(
+                subprocess.Popen(  # noqa: S603 - our own interpreter and script
+                    [sys.executable, script, str(i), str(count), str(port)]
+                    + [str(out), scenario],
+                    env=env,
+                    cwd=ROOT,
+                    stdout=subprocess.DEVNULL,
+                    stderr=stderr,
+                )
             )
-            results.append((process.returncode, stderr))
+    return processes
+
+
+def wait(runs: dict[str, list[Any]], timeout: float = HARD_TIMEOUT) -> dict[str, Any]:
+    """Per run, each process's (exit code, when it ended); past `timeout`
+    every process still running is killed (and the test fails)."""
+    deadline = time.monotonic() + timeout
+    ended: dict[int, tuple[int, float]] = {}
+    everything = [p for processes in runs.values() for p in processes]
+    try:
+        while len(ended) < len(everything) and time.monotonic() < deadline:
+            for process in everything:
+                if id(process) not in ended and process.poll() is not None:
+                    ended[id(process)] = (process.returncode, time.time())
+            time.sleep(0.2)
     finally:
-        for process in processes:
+        for process in everything:
             if process.poll() is None:
                 process.kill()
                 process.wait()
-    return results
+    assert len(ended) == len(everything), "a multi-process run hung"
+    return {name: [ended[id(p)] for p in processes] for name, processes in runs.items()}
+
+
+def stderr(out: Any, i: int) -> str:
+    return str((out / f"stderr-{i}.txt").read_text(errors="replace"))
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: Any) -> dict[str, Any]:
-    """The 2- and 4-process runs, started together, and the reference."""
+    """The 2- and 4-process runs and the failing one, started together, and
+    the reference."""
     import _multihost_common as common
 
     root = tmp_path_factory.mktemp("multihost")
-    outs = {name: root / name for name in ("two", "four")}
+    outs = {name: root / name for name in ("two", "four", "raise")}
     for out in outs.values():
         out.mkdir()
     started = {
         "two": start(2, 2, outs["two"], "values"),
         "four": start(4, 1, outs["four"], "values"),
+        "raise": start(2, 1, outs["raise"], "raise"),
     }
     try:
         reference = common.reference()
     finally:
-        exited = {name: wait(processes) for name, processes in started.items()}
-    found: dict[str, Any] = {"reference": reference}
-    for name, processes in started.items():
-        for code, stderr in exited[name]:
-            assert code == 0, stderr[-4000:]
+        exited = wait(started)
+    found: dict[str, Any] = {
+        "reference": reference,
+        "raise": {"out": outs["raise"], "exited": exited["raise"]},
+    }
+    for name in ("two", "four"):
+        processes = started[name]
+        for i, (code, _) in enumerate(exited[name]):
+            assert code == 0, stderr(outs[name], i)[-4000:]
         count = len(processes)
         found[name] = {
             "out": outs[name],
@@ -231,6 +248,15 @@ def test_mismatched_probe_batches_are_refused(runs: dict[str, Any]) -> None:
     assert "processes [0, 1]" in message
 
 
+def test_processes_without_one_distribution_are_refused(
+    runs: dict[str, Any],
+) -> None:
+    for report in runs["two"]["reports"]:
+        for message in report["undistributed"].values():
+            assert message is not None
+            assert "Received: 2 JAX processes and no `keras.distribution`" in message
+
+
 def test_every_process_stops_together(runs: dict[str, Any]) -> None:
     reports = runs["two"]["reports"]
     # The NaN of step 3 is in the last process's share only: the global
@@ -240,18 +266,18 @@ def test_every_process_stops_together(runs: dict[str, Any]) -> None:
     assert [r["stop"]["warnings"] for r in reports] == [1, 0]
 
 
-def test_a_failing_process_does_not_hang_the_others(tmp_path: Any) -> None:
+def test_a_failing_process_does_not_hang_the_others(runs: dict[str, Any]) -> None:
     """Process 1 raises in a callback of its own and its script ends; process
     0 waits in the next step's collective. Process 1 waits at JAX's shutdown
     barrier (`shutdown_timeout_seconds`: 10 s here, 300 s by default), then
-    JAX's coordination service ends both."""
-    processes = start(2, 1, tmp_path, "raise")
-    results = wait(processes, timeout=HARD_TIMEOUT)
-    ended = time.time()
-    (code0, stderr0), (code1, stderr1) = results
-    assert "RuntimeError: a callback of process 1 failed" in stderr1
-    raised = json.loads((tmp_path / "raised.json").read_text())["time"]
+    JAX's coordination service ends both (within the fixture's hard timeout:
+    a hang fails the test)."""
+    found = runs["raise"]
+    out = found["out"]
+    (code0, ended0), (code1, ended1) = found["exited"]
+    assert "RuntimeError: a callback of process 1 failed" in stderr(out, 1)
     # Both ended, with an error, soon after the shutdown timeout.
     assert code0 != 0 and code1 != 0, (code0, code1)
-    assert "Barrier timed out" in stderr0 + stderr1
-    assert ended - raised < 90
+    assert "Barrier timed out" in stderr(out, 0) + stderr(out, 1)
+    raised = json.loads((out / "raised.json").read_text())["time"]
+    assert max(ended0, ended1) - raised < 90
