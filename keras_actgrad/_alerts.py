@@ -143,4 +143,9 @@ class Alerts:
         if alert in self._alerted:
             return
         self._alerted.add(alert)
-        warnings.warn(message, stacklevel=4)
+        # Several JAX processes decide alike (the same global statistics);
+        # process 0 alone warns.
+        from keras_actgrad._backends import processes
+
+        if processes().index() == 0:
+            warnings.warn(message, stacklevel=4)

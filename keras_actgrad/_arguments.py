@@ -51,8 +51,13 @@ def writes_summaries(model: keras.Model) -> bool:
 
     Keras's TensorFlow trainer exposes the model's strategy; its
     `extended.should_save_summary` is False on every worker but the chief
-    (`MultiWorkerMirroredStrategy`) and True otherwise.
+    (`MultiWorkerMirroredStrategy`) and True otherwise. Under several JAX
+    processes, process 0 alone writes.
     """
+    from keras_actgrad._backends import processes
+
+    if processes().index() != 0:
+        return False
     strategy = getattr(model, "distribute_strategy", None)
     extended = getattr(strategy, "extended", None)
     try:

@@ -23,9 +23,11 @@ from keras_actgrad._arguments import (
     is_positive_int,
     writes_summaries,
 )
+from keras_actgrad._backends import processes
 from keras_actgrad._backends.base import LossSpec, PassConfig
 from keras_actgrad._engine import Batch, ProbeEngine, get_engine
 from keras_actgrad._engine.chunked import reduce_chunks
+from keras_actgrad._engine.distribution import check_processes
 from keras_actgrad._engine.inputs import batch_size, standardize
 from keras_actgrad._engine.losses import check_loss
 from keras_actgrad._events import history, to_columns
@@ -75,13 +77,17 @@ class ActivationGradientCallback(keras.callbacks.Callback):
             loss needs no labels, e.g. `loss="sum"`), with `x` an array, a
             list or a dict of arrays; or a `tf.data.Dataset`, a
             `keras.utils.PyDataset` or any iterable/generator of such
-            batches, of which the first batch is taken once, here.
+            batches, of which the first batch is taken once, here. Under
+            several JAX processes with a `keras.distribution` over them,
+            each process passes its own share of the global probe batch or
+            the same whole batch (checked when training starts).
         log_dir: String, the TensorBoard log directory (the one given to
             `keras.callbacks.TensorBoard`, if any). Summaries go to
             `<log_dir>/actgrad/`. `None` writes no summaries. Under a
-            multi-worker `tf.distribute` strategy only the chief writes; the
-            other workers compute the same statistics and `logs`. Defaults
-            to `None`.
+            multi-worker `tf.distribute` strategy only the chief writes, and
+            under several JAX processes (multi-host) only process 0; the
+            others compute the same statistics and `logs`. Defaults to
+            `None`.
         freq: When to probe, by 0-based epoch index: an int `N` (epochs
             with `epoch % N == 0`), a list of epoch indices, or a callable
             `epoch -> bool`. Defaults to `1` (every epoch).
@@ -299,6 +305,7 @@ class ActivationGradientCallback(keras.callbacks.Callback):
     # Keras hooks.
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        check_processes("`ActivationGradientCallback`")
         self._alerts.reset()
         self._engine = get_engine(self.model)
         self._step = global_step(self.model)
@@ -309,6 +316,14 @@ class ActivationGradientCallback(keras.callbacks.Callback):
         if self.probe_at_start or self._checked_model is not self.model:
             if self.layers is not None:
                 self._sites = select_layers(self.model, self.layers)
+            if processes().spanning():
+                # Several JAX processes: each one's share (or the same whole
+                # batch) becomes the global batch, the same on every process.
+                self._x, self._y, self._sample_weight = processes().global_batch(
+                    standardize(self._x),
+                    standardize(self._y),
+                    standardize(self._sample_weight),
+                )
             # In chunks, only the chunks move to the device.
             self._chunks = self._split()
             self._batch = (

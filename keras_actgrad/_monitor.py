@@ -21,7 +21,7 @@ from keras_actgrad._arguments import (
     is_positive_int,
     writes_summaries,
 )
-from keras_actgrad._backends import step_hooks
+from keras_actgrad._backends import processes, step_hooks
 from keras_actgrad._engine.distribution import check_distribution
 from keras_actgrad._engine.step import Layout, MonitoredStep, StepConfig
 from keras_actgrad._events import to_columns
@@ -97,11 +97,14 @@ class GradientMonitor(keras.callbacks.Callback):
     runs Keras's function untouched). See docs/guides/accelerators.md.
 
     Distribution: under `tf.distribute.MirroredStrategy` (TensorFlow) and
-    `keras.distribution.DataParallel` or `ModelParallel` (JAX, one process)
+    `keras.distribution.DataParallel` or `ModelParallel` (JAX, in one
+    process or in several whose device mesh spans them all: multi-host)
     the values are those of the global batch, equal to one device's: each
     replica gathers every replica's tapped tensors, and the weight-gradient
-    norms are of the gradients summed over the replicas. Other distributed
-    setups are refused in `on_train_begin`.
+    norms are of the gradients summed over the replicas. With several JAX
+    processes every process holds the same values; process 0 alone writes
+    `log_dir` and gives the warnings. Other distributed setups are refused
+    in `on_train_begin`.
 
     A model that overrides `train_step` (a GAN, a VAE, a distillation
     model; see the guide "A custom train_step") is measured in each
@@ -513,6 +516,8 @@ class GradientMonitor(keras.callbacks.Callback):
     # Alerts.
 
     def _warn_spike(self, event: dict[str, Any]) -> None:
+        if processes().index() != 0:
+            return  # every process detects it; process 0 warns
         norms = {
             probe: values.get("grad_norm", math.nan)
             for probe, values in event["statistics"].items()

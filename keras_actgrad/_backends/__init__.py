@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import keras
 
-from keras_actgrad._backends.base import Adapter, Replicas, StepHooks
+from keras_actgrad._backends.base import (
+    Adapter,
+    OneProcess,
+    Processes,
+    Replicas,
+    StepHooks,
+)
 from keras_actgrad._statistics.moments import Moments
 
 BACKENDS = ("tensorflow", "jax", "torch")
@@ -90,3 +96,12 @@ def replicas() -> type[Replicas]:
     from keras_actgrad._backends.replicas_torch import TorchReplicas
 
     return TorchReplicas
+
+
+def processes() -> type[Processes]:
+    """The processes of a multi-host run (JAX); one process elsewhere."""
+    if keras.backend.backend() == "jax":
+        from keras_actgrad._backends.processes_jax import JaxProcesses
+
+        return JaxProcesses
+    return OneProcess

@@ -413,6 +413,82 @@ class OneProgram:
         return None
 
 
+class Processes(Protocol):
+    """Several processes running one distributed program (multi-host JAX).
+
+    `processes_jax.py` implements it for JAX; elsewhere (`OneProcess`) a
+    program runs in one process and every function is the identity (a
+    multi-worker `tf.distribute` run has its own chief: `writes_summaries`).
+    """
+
+    @staticmethod
+    def count() -> int:
+        """The number of processes."""
+        ...
+
+    @staticmethod
+    def index() -> int:
+        """This process's index: 0 writes the summaries and gives the warnings."""
+        ...
+
+    @staticmethod
+    def spanning() -> bool:
+        """Whether the processes run one distribution over all of them."""
+        ...
+
+    @staticmethod
+    def unsupported() -> str | None:
+        """Several processes that do not run one global program, described."""
+        ...
+
+    @staticmethod
+    def global_batch(x: Any, y: Any, sample_weight: Any) -> tuple[Any, Any, Any]:
+        """The global batch from each process's share (or the same batch)."""
+        ...
+
+    @staticmethod
+    def place(leaf: Any) -> Any:
+        """A NumPy leaf of the global batch on the devices of every process."""
+        ...
+
+    @staticmethod
+    def replicated(tree: Any) -> Any:
+        """Inside a compiled pass: the arrays of `tree` on every device."""
+        ...
+
+
+class OneProcess:
+    """`Processes` of one process."""
+
+    @staticmethod
+    def count() -> int:
+        return 1
+
+    @staticmethod
+    def index() -> int:
+        return 0
+
+    @staticmethod
+    def spanning() -> bool:
+        return False
+
+    @staticmethod
+    def unsupported() -> str | None:
+        return None
+
+    @staticmethod
+    def global_batch(x: Any, y: Any, sample_weight: Any) -> tuple[Any, Any, Any]:
+        return x, y, sample_weight
+
+    @staticmethod
+    def place(leaf: Any) -> Any:
+        return leaf
+
+    @staticmethod
+    def replicated(tree: Any) -> Any:
+        return tree
+
+
 def keras_train_function(
     model: keras.Model, train_step: Callable[..., Any]
 ) -> Callable[..., Any]:

@@ -42,6 +42,7 @@ from keras_actgrad._backends.base import (
     reduce,
     to_float32,
 )
+from keras_actgrad._backends.processes_jax import replicated
 from keras_actgrad._statistics.moments import Moments
 
 
@@ -115,6 +116,8 @@ def _distribute(data: Any) -> Any:
         shape = getattr(leaf, "shape", None)
         if not shape:
             return leaf
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return leaf  # placed over several processes (`processes_jax.place`)
         layout = distribution.get_data_layout(tuple(shape))
         try:
             return keras.distribution.distribute_tensor(leaf, layout)
@@ -268,8 +271,16 @@ class JaxAdapter:
                     variables, weight_grads, weight_connected, strict=True
                 )
             }
-            return reduce(
-                config.reducer, activations, gradients, weight_gradients, loss, inputs
+            # Several processes: every host reads the outputs of its own devices.
+            return replicated(
+                reduce(
+                    config.reducer,
+                    activations,
+                    gradients,
+                    weight_gradients,
+                    loss,
+                    inputs,
+                )
             )
 
         jitted = jax.jit(step)

@@ -2,21 +2,21 @@
 
 `keras.distribution` (`DataParallel`, `ModelParallel`) shards the arrays of
 one `jit`-compiled program, whose reductions are over the global arrays:
-the monitor's statistics are the global batch's as they stand. Several JAX
-processes (multi-host) are refused: the monitor reads its values on one
-host, and that is untested.
+the monitor's statistics are the global batch's as they stand, in one
+process or in several whose device mesh spans them all (multi-host; the
+step's vector is replicated on every device: `processes_jax.replicated`).
+Several processes without such a distribution each train on their own.
 """
 
 from __future__ import annotations
 
-import jax
 import keras
 
+from keras_actgrad._backends import processes_jax
 from keras_actgrad._backends.base import OneProgram
 
 
 class JaxReplicas(OneProgram):
     @staticmethod
     def unsupported(model: keras.Model) -> str | None:
-        count = jax.process_count()
-        return f"{count} JAX processes" if count > 1 else None
+        return processes_jax.unsupported()

@@ -23,7 +23,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_actgrad._backends import get_adapter
+from keras_actgrad._backends import get_adapter, processes
 from keras_actgrad._backends.base import Adapter, LossSpec, PassConfig, Tapped
 from keras_actgrad._engine.inputs import (
     _declared_outputs,
@@ -163,12 +163,17 @@ def check_model(
     return probes
 
 
-def _to_device(data: Any) -> Any:
-    """Numeric NumPy leaves become backend tensors (moved to the device once)."""
+def _to_device(data: Any, spanning: bool = False) -> Any:
+    """Numeric NumPy leaves become backend tensors (moved to the device once).
+
+    With `spanning` (several JAX processes, one distribution), the leaves
+    of the global batch are placed on the devices of every process.
+    """
+    to_tensor = processes().place if spanning else keras.ops.convert_to_tensor
 
     def convert(leaf: Any) -> Any:
         if isinstance(leaf, np.ndarray) and leaf.dtype.kind in "biuf":
-            return keras.ops.convert_to_tensor(leaf)
+            return to_tensor(leaf)
         return leaf
 
     return None if data is None else keras.tree.map_structure(convert, data)
@@ -229,7 +234,13 @@ class ProbeEngine:
     def prepare(
         self, x: Any, y: Any = None, sample_weight: Any = None, loss: LossSpec = "model"
     ) -> Batch:
-        """Checks a batch against the model and moves it to the device."""
+        """Checks a batch against the model and moves it to the device.
+
+        Under several JAX processes with one distribution over them, the
+        batch is first made the global batch (each process's share, or the
+        same whole batch on each: `processes_jax.global_batch`), then
+        checked, the same on every process.
+        """
         x, y, sample_weight = standardize(x), standardize(y), standardize(sample_weight)
         if isinstance(loss, TrainingLoss):
             # The function reads the batch as `train_step` does.
@@ -237,10 +248,17 @@ class ProbeEngine:
             data = pack(x, y, sample_weight)
             check_inputs(None, data)
             return Batch(_to_device(data), None, None)
+        spanning = processes().spanning()
+        if spanning:
+            x, y, sample_weight = processes().global_batch(x, y, sample_weight)
         check_inputs(self.model, x)
         check_batch_sizes(x, y, sample_weight)
         check_labels(y, sample_weight, loss)
-        return Batch(_to_device(x), _to_device(y), _to_device(sample_weight))
+        return Batch(
+            _to_device(x, spanning),
+            _to_device(y, spanning),
+            _to_device(sample_weight, spanning),
+        )
 
     def run(self, batch: Batch, config: PassConfig, inputs: Any = None) -> PassResult:
         """Runs one pass over a prepared batch.
@@ -354,6 +372,8 @@ class ProbeEngine:
         differentiable: dict[str, bool],
         in_place: bool = False,
     ) -> None:
+        if processes().index() != 0:
+            return  # warned once, by process 0 (the same on every process)
         what = "Layer" if in_place else "GradientProbe"
         for name in unreached:
             if name not in self._warned:

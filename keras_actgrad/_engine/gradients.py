@@ -9,6 +9,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from keras_actgrad._backends import processes
 from keras_actgrad._backends.base import LossSpec, PassConfig, Tensor
 from keras_actgrad._engine.engine import get_engine
 from keras_actgrad._engine.inputs import batch_size, standardize
@@ -187,6 +188,9 @@ def _in_chunks(
             f"Received: probe_batch_size={size!r}."
         )
     x, y, sample_weight = standardize(x), standardize(y), standardize(sample_weight)
+    if processes().spanning():
+        # Several JAX processes: the chunks are those of the global batch.
+        x, y, sample_weight = processes().global_batch(x, y, sample_weight)
     total = batch_size(x)
     if total is None or total <= size:
         alone = engine.run(engine.prepare(x, y, sample_weight, config.loss), config)

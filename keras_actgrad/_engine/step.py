@@ -35,7 +35,12 @@ from typing import Any
 
 import keras
 
-from keras_actgrad._backends import replicas, step_hooks, step_moments_class
+from keras_actgrad._backends import (
+    processes,
+    replicas,
+    step_hooks,
+    step_moments_class,
+)
 from keras_actgrad._backends.base import StepHooks
 from keras_actgrad._context import tapping
 from keras_actgrad._engine.passes import (
@@ -723,7 +728,8 @@ class MonitoredStep:
                     else monitor._threshold_value()
                 )
             out: dict[str, Any] = dict(logs)
-            out[PAYLOAD_KEY] = trace.payload()
+            # Several JAX processes: on every device, read by every host.
+            out[PAYLOAD_KEY] = processes().replicated(trace.payload())
             monitor.layout = trace.layout
             return out
 
