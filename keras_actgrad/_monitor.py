@@ -61,7 +61,8 @@ class GradientMonitor(keras.callbacks.Callback):
     monitored run Keras's own compiled step, untouched, so they cost nothing.
     Training is unchanged: weights, optimizer slots, metrics and
     random-generator state are those of `fit` without the monitor, bit for
-    bit, except for the compilers' rounding in two cases (see the README):
+    bit, except for the compilers' rounding in two cases (see the guide
+    "Backends and reproducibility"):
     on TensorFlow, activation statistics (`act_*`, `dead_unit_fraction`,
     histograms) read the layer outputs, which can stop Grappler from
     merging additions (float32 rounding then differs); on JAX, XLA may round
@@ -95,8 +96,10 @@ class GradientMonitor(keras.callbacks.Callback):
     setups are refused in `on_train_begin`.
 
     Where the numbers go: `events` (kind `"step"`, `step` = global step
-    after the update), TensorBoard (`<log_dir>/actgrad/`, prefixes
-    `actgrad_step/` and `actgrad_weights_step/`, step = global step), and the
+    after the update), TensorBoard (`<log_dir>/actgrad/`, tags
+    `actgrad_step.<statistic>/<probe>`, `actgrad_step.global_grad_norm/model`
+    and `actgrad_weights_step.<statistic>/<variable path>`, step = global
+    step), and the
     alerts of `ActivationGradientCallback` (non-finite, vanishing,
     exploding). Nothing goes to `logs` or the progress bar.
 

@@ -49,13 +49,17 @@ def table_rows(text: str, heading: str) -> list[list[str]]:
         elif table:
             break
     body = [line for line in table[1:] if not re.fullmatch(r"[|\s:-]+", line)]
-    return [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in body]
+    return [
+        [cell.strip() for cell in line.strip().strip("|").split("|")] for line in body
+    ]
 
 
 def documented_statistics() -> list[str]:
     """The statistic names of the statistics page's table."""
     rows = table_rows(STATISTICS_PAGE.read_text(encoding="utf-8"), "# Statistics")
-    return [match.group(1) for row in rows if (match := re.fullmatch(r"`(\w+)`", row[0]))]
+    return [
+        match.group(1) for row in rows if (match := re.fullmatch(r"`(\w+)`", row[0]))
+    ]
 
 
 def pattern_regex(pattern: str, names: dict[str, list[str]]) -> re.Pattern[str]:
@@ -85,7 +89,9 @@ def _written(log_dir: str) -> dict[str, tuple[str, set[int]]]:
     from tensorboard.backend.event_processing import event_accumulator
 
     found: dict[str, tuple[str, set[int]]] = {}
-    files = glob.glob(os.path.join(log_dir, "**", "events.out.tfevents.*"), recursive=True)
+    files = glob.glob(
+        os.path.join(log_dir, "**", "events.out.tfevents.*"), recursive=True
+    )
     assert files, f"no event files under {log_dir}"
     for path in files:
         reader = event_accumulator.EventAccumulator(path, size_guidance={"tensors": 0})
