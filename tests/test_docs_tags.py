@@ -23,6 +23,8 @@ import pytest
 
 import keras_actgrad
 
+pytestmark = pytest.mark.compat
+
 ROOT = Path(__file__).resolve().parent.parent
 TAGS_PAGE = ROOT / "docs" / "reference" / "tags.md"
 STATISTICS_PAGE = ROOT / "docs" / "guides" / "statistics.md"

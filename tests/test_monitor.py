@@ -119,6 +119,7 @@ def _relative(got: float, expected: float) -> float:
     return abs(got - expected) / abs(expected)
 
 
+@pytest.mark.compat
 def test_values_equal_a_replay_by_hand() -> None:
     model, twin = _model(), _model()
     twin.set_weights(model.get_weights())
@@ -176,6 +177,7 @@ def _state(model: keras.Model) -> list[np.ndarray]:
     return [_numpy(v.value) for v in variables]
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("mixed", [False, True], ids=["float32", "mixed_float16"])
 def test_training_is_bit_identical(mixed: bool) -> None:
     runs = []
@@ -259,6 +261,7 @@ def test_steps_not_monitored_run_keras_function() -> None:
     )
 
 
+@pytest.mark.compat
 def test_tensorboard_step_tags(tmp_path: object) -> None:
     from tensorboard.backend.event_processing import event_accumulator
     from tensorboard.util import tensor_util
