@@ -177,7 +177,6 @@ def _state(model: keras.Model) -> list[np.ndarray]:
     return [_numpy(v.value) for v in variables]
 
 
-@pytest.mark.compat
 @pytest.mark.parametrize("mixed", [False, True], ids=["float32", "mixed_float16"])
 def test_training_is_bit_identical(mixed: bool) -> None:
     runs = []
@@ -261,7 +260,6 @@ def test_steps_not_monitored_run_keras_function() -> None:
     )
 
 
-@pytest.mark.compat
 def test_tensorboard_step_tags(tmp_path: object) -> None:
     from tensorboard.backend.event_processing import event_accumulator
     from tensorboard.util import tensor_util
