@@ -27,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
         "report",
         help="print a per-probe table of a run's gradient statistics",
         description="Print one row per probe (forward order): the statistic at "
-        "the first and last probed epoch, the trend (last / first) and alerts. "
+        "the first and last probed epoch (or step, for the log of a "
+        "GradientMonitor), the trend (last / first) and alerts. "
         "Alerts: no gradient (the probe does not reach the loss); "
         f"non-finite (NaN/Inf gradient entries); vanishing / exploding "
         f"(grad_norm below / above the given ratio to the last probe's, the one "

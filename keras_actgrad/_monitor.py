@@ -38,8 +38,8 @@ from keras_actgrad._tags import (
     GLOBAL_GRAD_NORM,
     WEIGHT_STATISTICS,
     global_summary_tag,
+    log_key,
     weight_log_key,
-    weight_summary_tag,
 )
 
 # The event fields of `_tags.WEIGHT_STATISTICS`, in that order.
@@ -96,11 +96,12 @@ class GradientMonitor(keras.callbacks.Callback):
     setups are refused in `on_train_begin`.
 
     Where the numbers go: `events` (kind `"step"`, `step` = global step
-    after the update), TensorBoard (`<log_dir>/actgrad/`, tags
-    `actgrad_step.<statistic>/<probe>`, `actgrad_step.global_grad_norm/model`
-    and `actgrad_weights_step.<statistic>/<variable path>`, step = global
-    step), and the
-    alerts of `ActivationGradientCallback` (non-finite, vanishing,
+    after the update; the last `max_events`), TensorBoard
+    (`<log_dir>/actgrad/`, step = global step: the global norm and the
+    probes' statistics as scalars `actgrad_step.<statistic>/<probe>`, and
+    every value, the weights' norms too, packed in one tensor per step,
+    which `to_numpy`, `load_report` and the `actgrad` dashboard read), and
+    the alerts of `ActivationGradientCallback` (non-finite, vanishing,
     exploding). Nothing goes to `logs` or the progress bar.
 
     Args:
@@ -129,6 +130,11 @@ class GradientMonitor(keras.callbacks.Callback):
         histogram_bins: Number of histogram bins. Defaults to `30`.
         vanishing_threshold: as in `ActivationGradientCallback`.
         exploding_threshold: as in `ActivationGradientCallback`.
+        max_events: Positive int: `events` keeps the last this many step
+            events (older ones are dropped, so that host memory stays flat
+            over long runs), or `None` to keep every event. With a
+            `log_dir`, `to_numpy` reads the whole run from the logs.
+            Defaults to `1000`.
 
     Raises:
         ValueError: for invalid arguments (here), and in `on_train_begin` for
@@ -152,6 +158,7 @@ class GradientMonitor(keras.callbacks.Callback):
         histogram_bins: int = DEFAULT_BINS,
         vanishing_threshold: float = 1e-4,
         exploding_threshold: float = 1e4,
+        max_events: int | None = 1000,
     ) -> None:
         super().__init__()
         if not is_positive_int(every_n_steps):
@@ -182,6 +189,13 @@ class GradientMonitor(keras.callbacks.Callback):
         check_alert_arguments(
             on_nonfinite, histogram_bins, vanishing_threshold, exploding_threshold
         )
+        if max_events is not None and not is_positive_int(max_events):
+            raise ValueError(
+                "`max_events` must be a positive int (how many of the last step "
+                "events `events` keeps) or None (keep them all). Received: "
+                f"max_events={max_events!r}."
+            )
+        self.max_events = None if max_events is None else int(max_events)
         self.every_n_steps = int(every_n_steps)
         self.statistics = check_statistics(statistics, "statistics")
         self.weight_gradients = bool(weight_gradients)
@@ -202,6 +216,11 @@ class GradientMonitor(keras.callbacks.Callback):
         self._steps_model: keras.Model | None = None
         self._plain: Any = None
         self._writer: Any = None
+        # The event files this monitor wrote, and whether every event since
+        # the first reached them (then `to_numpy` reads the run from them).
+        self._log_files: list[str] = []
+        self._logs_complete = True
+        self._columns: tuple[Any, list[str]] = ((), [])
         self._alerts = Alerts(on_nonfinite, vanishing_threshold, exploding_threshold)
         self._norms: collections.deque[float] = collections.deque(maxlen=SPIKE_WINDOW)
         self._in_spike = False
@@ -257,6 +276,7 @@ class GradientMonitor(keras.callbacks.Callback):
                     f"`log_dir`: {error}. Pass a writable directory, or "
                     f"log_dir=None. Received: log_dir={self.log_dir!r}."
                 ) from error
+            self._log_files.append(self._writer.path)
         # The monitored steps are built now: under a `keras.distribution`,
         # Keras's JAX trainer reads the variables' shardings when it builds a
         # train function, and `fit` detaches the variables' values from its
@@ -351,25 +371,52 @@ class GradientMonitor(keras.callbacks.Callback):
             for key in ("weight_grad_norms", "update_norms", "update_ratios"):
                 event[key] = {}
         self.events.append(event)
+        if self.max_events is not None and len(self.events) > self.max_events:
+            del self.events[: len(self.events) - self.max_events]
         if self._writer is not None:
+            # Stock scalars for TensorBoard's dashboards (the global norm and
+            # the probes' statistics); every value, weights too, packed.
+            names = list(STATISTICS if event["spike"] else self.statistics)
             reduced = Reduced(
                 {p: event["statistics"][p] for p in self.probe_order},
                 event["histograms"],
-                event["weight_grad_norms"],
+                {},
             )
-            names = list(STATISTICS if event["spike"] else self.statistics)
             scalars = {global_summary_tag("step"): event["global_grad_norm"]}
-            for statistic, field in zip(
-                WEIGHT_STATISTICS[1:], _WEIGHT_FIELDS[1:], strict=True
-            ):
-                for path, value in event[field].items():
-                    scalars[weight_summary_tag("step", path, statistic)] = value
-            self._writer.write(
-                "step", event["step"], reduced, names, self.probe_order, scalars
+            written = self._writer.write(
+                "step",
+                event["step"],
+                reduced,
+                names,
+                self.probe_order,
+                scalars,
+                self._packed(event, names),
             )
+            self._logs_complete = self._logs_complete and written
         # On what the step computed (`nonfinite` and `grad_norm` always),
         # not only the statistics the event reports.
         self._alert(event["step"], statistics)
+
+    def _packed(
+        self, event: dict[str, Any], names: list[str]
+    ) -> tuple[list[str], list[float]]:
+        """`(columns, values)` of an event: every value, keyed as `to_numpy`."""
+        fields = [f for f in _WEIGHT_FIELDS if event[f]]
+        paths = [list(event[f]) for f in fields]
+        key = (tuple(names), tuple(self.probe_order), tuple(fields), str(paths))
+        if key != self._columns[0]:
+            columns = ["epoch", GLOBAL_GRAD_NORM]
+            columns += [log_key(p, n) for p in self.probe_order for n in names]
+            for field, names_of in zip(fields, paths, strict=True):
+                statistic = WEIGHT_STATISTICS[_WEIGHT_FIELDS.index(field)]
+                columns += [weight_log_key(path, statistic) for path in names_of]
+            self._columns = (key, columns)
+        statistics = event["statistics"]
+        values = [float(event["epoch"]), event["global_grad_norm"]]
+        values += [statistics[p][n] for p in self.probe_order for n in names]
+        for field in fields:
+            values += event[field].values()
+        return self._columns[1], values
 
     # Alerts.
 
@@ -407,6 +454,11 @@ class GradientMonitor(keras.callbacks.Callback):
     def to_numpy(self) -> dict[str, np.ndarray]:
         """The step events as NumPy arrays, one per key, one entry per event.
 
+        With a `log_dir`, every monitored step of the monitor's `fit` calls,
+        read from the event files it wrote (`events` keeps only the last
+        `max_events`); without one (or if a write failed), the steps in
+        `events`.
+
         Returns:
             A dict with `"epoch"`, `"step"` (global step), `"global_grad_norm"`,
             one array per `actgrad/<probe>/<statistic>` key (NaN where a step
@@ -414,6 +466,11 @@ class GradientMonitor(keras.callbacks.Callback):
             per variable `actgrad_weights/<path>/grad_norm`, `.../update_norm`
             and `.../update_ratio`.
         """
+        if self._log_files and self._logs_complete:
+            from keras_actgrad._eventfile import read_file, table
+
+            steps, read, _ = table([read_file(path) for path in self._log_files])
+            return {"epoch": read.pop("epoch"), "step": steps, **read}
         columns = to_columns(self.events, "step", ("step",))
         columns[GLOBAL_GRAD_NORM] = np.asarray(
             [event["global_grad_norm"] for event in self.events], np.float64

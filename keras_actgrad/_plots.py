@@ -75,13 +75,13 @@ def plot_heatmap(
     image = ax.imshow(
         shown, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest"
     )
-    ax.set_xticks(range(n_epochs), [str(e) for e in report.epochs])
-    if n_epochs > 20:
-        for k, label in enumerate(ax.get_xticklabels()):
-            label.set_visible(k % math.ceil(n_epochs / 20) == 0)
+    every = math.ceil(n_epochs / 20) if n_epochs > 20 else 1
+    ticks = range(0, n_epochs, every)
+    ax.set_xticks(ticks, [str(report.epochs[k]) for k in ticks])
     _label_rows(ax, report.probes, alerts, n_epochs, height)
-    ax.set_xlabel("epoch")
-    ax.set_title(f"{statistic} per probe and epoch", loc="left")
+    unit = getattr(report, "kind", "epoch")
+    ax.set_xlabel(unit)
+    ax.set_title(f"{statistic} per probe and {unit}", loc="left")
     if norm is not None:
         bar = fig.colorbar(image, ax=ax, pad=0.02, aspect=max(20.0, 8 * height))
         bar.set_label(f"{statistic} (log scale)")

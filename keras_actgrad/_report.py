@@ -5,9 +5,13 @@
 epoch (tag `actgrad.<statistic>/<probe>`, step = 0-based epoch; the tags of
 development versions before 0.1.0, `actgrad/<probe>/<statistic>`, are read
 too), and the
-probes' forward order as the text summary `actgrad/probe_order`. This module
-reads them with TensorBoard's own reader and turns them into a table (the
-`keras-actgrad report` command) and a probes x epochs heatmap.
+probes' forward order as the text summary `actgrad/probe_order`.
+`GradientMonitor(log_dir=...)` writes its step events there too, every
+value of a step packed in one tensor (see `_tensorboard.py`); a log directory
+without epoch events is reported by step. This module reads them
+(`_eventfile`: without TensorFlow or Keras, so that the report starts fast)
+and turns them into a table (the `keras-actgrad report` command) and a
+probes x epochs (or steps) heatmap.
 """
 
 from __future__ import annotations
@@ -17,22 +21,24 @@ import dataclasses
 import fnmatch
 import html
 import io
-import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from keras_actgrad import _alerts
+from keras_actgrad._eventfile import EventFile, event_files, read_file, table
 from keras_actgrad._plots import number, plot_heatmap
 from keras_actgrad._tags import (
     DEAD_UNIT_FRACTION,
     EVENTS_SUBDIR,
     EXPLODING_RATIO,
+    LOG_PREFIX,
     PROBE_ORDER_TAG,
     THRESHOLDS_TAG,
     VANISHING_RATIO,
+    parse_key,
     parse_summary_tag,
 )
 
@@ -63,6 +69,9 @@ class Report:
         all_probes: Every probe of the run in forward order, when `probes`
             is a selection (`select`); the vanishing / exploding alerts
             still compare with the run's last probe. Empty: `probes`.
+        kind: `"epoch"` (the callback's epoch events) or `"step"` (the
+            `GradientMonitor`'s step events: `epochs` then holds global
+            steps).
 
     In a notebook a `Report` shows itself: the heatmap and the table
     (`_repr_html_`; `_repr_png_` is the heatmap alone).
@@ -75,6 +84,7 @@ class Report:
     start: dict[str, dict[str, float]]
     thresholds: dict[str, float] = dataclasses.field(default_factory=dict)
     all_probes: list[str] = dataclasses.field(default_factory=list)
+    kind: str = "epoch"
 
     def select(self, patterns: str | Sequence[str]) -> Report:
         """The report restricted to the probes matching any glob pattern.
@@ -117,12 +127,29 @@ class Report:
 
     def matrix(self, statistic: str = "grad_norm") -> np.ndarray:
         """A `(len(probes), len(epochs))` float array; NaN where not logged."""
-        per_probe = self._statistic(statistic)
-        out = np.full((len(self.probes), len(self.epochs)), np.nan)
-        for i, probe in enumerate(self.probes):
+        self._statistic(statistic)
+        return self._logged_matrix(statistic, self.probes)[0]
+
+    def _logged_matrix(
+        self, statistic: str, probes: Sequence[str]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`(values, logged)`, `(len(probes), len(epochs))` arrays: NaN and
+        False where `statistic` was not logged (also when it never was)."""
+        per_probe = self.values.get(statistic, {})
+        values = np.full((len(probes), len(self.epochs)), np.nan)
+        logged = np.zeros(values.shape, bool)
+        for i, probe in enumerate(probes):
+            series = per_probe.get(probe, {})
+            if isinstance(series, _Series) and series.steps is self.epochs:
+                values[i] = series.row
+                logged[i] = True if series.present is None else series.present
+                continue
             for j, epoch in enumerate(self.epochs):
-                out[i, j] = per_probe.get(probe, {}).get(epoch, np.nan)
-        return out
+                value = series.get(epoch)
+                if value is not None:
+                    values[i, j] = value
+                    logged[i, j] = True
+        return values, logged
 
     def alerts(
         self,
@@ -148,45 +175,47 @@ class Report:
         """
         vanishing = self.threshold("vanishing", vanishing)
         exploding = self.threshold("exploding", exploding)
-        norms = self.values.get("grad_norm", {})
-        counts = self.values.get("nonfinite", {})
-        dead = self.values.get("dead_unit_fraction", {})
+        everyone = list(self.all_probes or self.probes)
+        rows = [everyone.index(probe) for probe in self.probes]
+        norms, logged = self._logged_matrix("grad_norm", everyone)
         # Per epoch, the `grad_norm` of the last probe that has a finite one
         # (as the callback does, probes without a gradient are left out).
-        everyone = self.all_probes or self.probes
-        reference = {
-            epoch: _alerts.reference_norm(
-                [norms.get(probe, {}).get(epoch, math.nan) for probe in everyone]
-            )
-            for epoch in self.epochs
-        }
+        finite = np.isfinite(norms)
+        last = len(everyone) - 1 - np.argmax(finite[::-1], axis=0)
+        columns = np.arange(len(self.epochs))
+        reference = np.where(
+            finite.any(axis=0), norms[last, columns] if everyone else np.nan, np.nan
+        )
+        norms, logged = norms[rows], logged[rows]
+        with np.errstate(all="ignore"):
+            ratio = np.where(reference > 0, norms / reference, np.nan)
+        counts, counted = self._logged_matrix("nonfinite", self.probes)
+        # `nonfinite` not logged: judge by the norm.
+        counts = np.where(
+            counted, counts, np.where(logged & ~np.isfinite(norms), 1.0, 0.0)
+        )
+        dead, dead_logged = self._logged_matrix("dead_unit_fraction", self.probes)
+        dead = np.where(dead_logged, dead, 0.0)
+        with np.errstate(invalid="ignore"):
+            conditions = {
+                # The callback logs NaN for every gradient statistic of a
+                # probe that has no gradient (not connected to the loss).
+                "no gradient": logged & np.isnan(counts),
+                "non-finite": counts > 0,
+                "vanishing": ratio < vanishing,
+                "exploding": ~(ratio < vanishing) & (ratio > exploding),
+                "dead units": dead >= dead_units,
+            }
+        unit = self.kind
         out: dict[str, list[str]] = {}
-        for probe in self.probes:
-            first: dict[str, int] = {}
-            for epoch in self.epochs:
-                norm = norms.get(probe, {}).get(epoch, math.nan)
-                ref = reference.get(epoch, math.nan)
-                ratio = norm / ref if ref > 0 else math.nan
-                count = counts.get(probe, {}).get(epoch)
-                logged = epoch in norms.get(probe, {})
-                if count is None:  # `nonfinite` not logged: judge by the norm
-                    count = 1.0 if logged and not math.isfinite(norm) else 0.0
-                ratio_alert = _alerts.ratio_alert(ratio, vanishing, exploding)
-                conditions = {
-                    # The callback logs NaN for every gradient statistic of a
-                    # probe that has no gradient (not connected to the loss).
-                    "no gradient": logged and math.isnan(count),
-                    "non-finite": _alerts.nonfinite(count),
-                    "vanishing": ratio_alert == "vanishing",
-                    "exploding": ratio_alert == "exploding",
-                    "dead units": _alerts.dead_units(
-                        dead.get(probe, {}).get(epoch, 0.0), dead_units
-                    ),
-                }
-                for name, holds in conditions.items():
-                    if holds:
-                        first.setdefault(name, epoch)
-            out[probe] = [f"{name} (epoch {epoch})" for name, epoch in first.items()]
+        for i, probe in enumerate(self.probes):
+            found = []
+            for order, (name, holds) in enumerate(conditions.items()):
+                if holds[i].any():
+                    found.append((int(np.argmax(holds[i])), order, name))
+            out[probe] = [
+                f"{name} ({unit} {self.epochs[j]})" for j, _, name in sorted(found)
+            ]
         return out
 
     def table(
@@ -209,7 +238,8 @@ class Report:
         header = ["probe"]
         if starts:
             header.append("start")
-        header += [f"epoch {first_epoch}", f"epoch {last_epoch}", "trend", "alerts"]
+        unit = self.kind
+        header += [f"{unit} {first_epoch}", f"{unit} {last_epoch}", "trend", "alerts"]
         rows = [header]
         for probe in self.probes:
             series = per_probe.get(probe, {})
@@ -236,7 +266,7 @@ class Report:
             lines.append("  ".join(cells).rstrip())
         lines.insert(1, "  ".join("-" * width for width in widths))
         title = (
-            f"{statistic} per probe (forward order), epochs {first_epoch}-"
+            f"{statistic} per probe (forward order), {unit}s {first_epoch}-"
             f"{last_epoch}, {len(self.epochs)} probed; log dir: {self.log_dir}"
         )
         return "\n".join([title, *lines])
@@ -271,7 +301,7 @@ class Report:
         statistic = "grad_norm" if "grad_norm" in self.values else self.statistics[0]
         parts = [
             f"<p><b>keras-actgrad report</b>: {len(self.probes)} probes, "
-            f"{len(self.epochs)} probed epochs; {html.escape(self.log_dir)}</p>"
+            f"{len(self.epochs)} probed {self.kind}s; {html.escape(self.log_dir)}</p>"
         ]
         png = self._repr_png_()
         if png is not None:
@@ -325,56 +355,90 @@ def _events_dir(log_dir: str) -> str:
     return log_dir  # the `actgrad/` directory itself
 
 
-def _event_files(path: str) -> list[str]:
-    """The event files in `path`, oldest first (their names start with the
-    creation time, as TensorBoard's writers and the callback's name them)."""
-    return sorted(
-        os.path.join(path, name)
-        for name in os.listdir(path)
-        if "tfevents" in name and os.path.isfile(os.path.join(path, name))
-    )
+def _is_probe_column(name: str) -> bool:
+    """Whether a packed column is a probe's statistic (`actgrad/<probe>/<name>`)."""
+    parsed = parse_key(name)
+    return parsed is not None and parsed[0] == LOG_PREFIX
 
 
 def _read_event_file(
     path: str,
-) -> tuple[dict[str, dict[int, float]], list[str], dict[str, float]]:
-    """`({scalar tag: {step: value}}, probe order, thresholds)` of one file."""
-    from tensorboard.backend.event_processing import event_accumulator
-    from tensorboard.util import tensor_util
+) -> tuple[dict[str, dict[int, float]], list[str], dict[str, float], EventFile]:
+    """`({scalar tag: {step: value}}, probe order, thresholds, the file)`."""
+    file = read_file(path, keep=_is_probe_column)
+    order = file.texts.get(PROBE_ORDER_TAG) or []
+    stored = file.texts.get(THRESHOLDS_TAG) or {}
+    thresholds = {str(k): float(v) for k, v in stored.items()}
+    return file.scalars, list(order), thresholds, file
 
-    accumulator = event_accumulator.EventAccumulator(
-        path,
-        size_guidance={
-            event_accumulator.SCALARS: 0,
-            event_accumulator.TENSORS: 0,
-            event_accumulator.HISTOGRAMS: 1,
-            event_accumulator.IMAGES: 1,
-            event_accumulator.COMPRESSED_HISTOGRAMS: 1,
-            event_accumulator.AUDIO: 1,
-        },
-    )
-    accumulator.Reload()
-    tags = accumulator.Tags()
-    scalars: dict[str, dict[int, float]] = {}
-    for tag in tags.get("scalars", []):  # TF1-style summaries
-        scalars[tag] = {e.step: float(e.value) for e in accumulator.Scalars(tag)}
-    order: list[str] = []
-    thresholds: dict[str, float] = {}
-    for tag in tags.get("tensors", []):
-        plugin = accumulator.SummaryMetadata(tag).plugin_data.plugin_name
-        events = accumulator.Tensors(tag)
-        if tag in (PROBE_ORDER_TAG, THRESHOLDS_TAG) and events:
-            raw = tensor_util.make_ndarray(events[-1].tensor_proto).item()
-            text = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
-            if tag == PROBE_ORDER_TAG:
-                order = text
-            else:
-                thresholds = {str(k): float(v) for k, v in text.items()}
-        elif plugin == "scalars":
-            scalars[tag] = {
-                e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in events
-            }
-    return scalars, order, thresholds
+
+class _Series(Mapping[int, float]):
+    """One probe's statistic by step: a row of the run's packed step table.
+
+    `steps` is the report's `epochs` list (shared), `row` the values,
+    `present` where the statistic was logged (None: at every step).
+    """
+
+    def __init__(
+        self,
+        steps: list[int],
+        index: dict[int, int],
+        row: np.ndarray,
+        present: np.ndarray | None,
+    ) -> None:
+        self.steps, self.row, self.present = steps, row, present
+        self._index = index
+
+    def __getitem__(self, step: int) -> float:
+        j = self._index[step]
+        if self.present is not None and not self.present[j]:
+            raise KeyError(step)
+        return float(self.row[j])
+
+    def __iter__(self) -> Iterator[int]:
+        if self.present is None:
+            return iter(self.steps)
+        return (
+            step for step, here in zip(self.steps, self.present, strict=True) if here
+        )
+
+    def __len__(self) -> int:
+        return len(self.steps) if self.present is None else int(self.present.sum())
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} values, steps {self.steps[0]}-{self.steps[-1]}>"
+
+
+def _step_values(
+    files: list[EventFile],
+) -> tuple[list[int], dict[str, dict[str, Any]]]:
+    """The monitor's packed step events: `(steps, values[statistic][probe])`.
+
+    A step logged twice (a later `fit` restarting at an earlier step) keeps
+    its latest value.
+    """
+    steps, columns, present = table(files)
+    if not steps.size:
+        return [], {}
+    reversed_steps = steps[::-1]
+    unique, first = np.unique(reversed_steps, return_index=True)
+    chosen = len(steps) - 1 - first
+    if len(unique) == len(steps) and np.all(chosen == np.arange(len(steps))):
+        chosen = None  # already sorted and unique: no copies
+    kept = unique.tolist()
+    index = {step: j for j, step in enumerate(kept)}
+    values: dict[str, dict[str, Any]] = {}
+    for name, row in columns.items():
+        parsed = parse_key(name)
+        if parsed is None:
+            continue
+        _, probe, statistic = parsed
+        mask = present.get(name)
+        if chosen is not None:
+            row = row[chosen]
+            mask = None if mask is None else mask[chosen]
+        values.setdefault(statistic, {})[probe] = _Series(kept, index, row, mask)
+    return kept, values
 
 
 def _kind(tag: str) -> str | None:
@@ -383,18 +447,23 @@ def _kind(tag: str) -> str | None:
     return parsed.kind if parsed is not None and parsed.target == "probe" else None
 
 
-def load_report(log_dir: str) -> Report:
+def load_report(log_dir: str, kind: str | None = None) -> Report:
     """Reads what `ActivationGradientCallback(log_dir=...)` logged.
 
-    Uses TensorBoard's own event reader on `<log_dir>/actgrad/` (or on
-    `log_dir` itself, if it is that directory). Each `fit` writes its own
+    Reads the event files in `<log_dir>/actgrad/` (or in `log_dir` itself,
+    if it is that directory), without TensorFlow or Keras. The callback's
+    epoch events are reported by epoch; the step events of a
+    `GradientMonitor(log_dir=...)` by global step (`kind="step"`, the
+    default when there are no epoch events). Each `fit` writes its own
     event file; when a later `fit` starts again at an epoch already logged
     (a new training run in the same `log_dir`), its events replace the
     earlier run's from that epoch on, as TensorBoard does; a `fit` that
     continues with `initial_epoch` adds its epochs.
 
     Args:
-        log_dir: The callback's `log_dir`.
+        log_dir: The callback's (or the monitor's) `log_dir`.
+        kind: `"epoch"`, `"step"`, or `None`: epoch events when there are
+            any, else step events. Defaults to `None`.
 
     Returns:
         A `Report`. `print(report.table())` prints the per-probe table,
@@ -411,8 +480,13 @@ def load_report(log_dir: str) -> Report:
     print(report.table())
     ```
     """
+    if kind not in (None, "epoch", "step"):
+        raise ValueError(
+            "`kind` must be 'epoch' (the callback's epoch events), 'step' (the "
+            f"monitor's step events) or None (either). Received: kind={kind!r}."
+        )
     path = _events_dir(log_dir)
-    if not _event_files(path):
+    if not event_files(path):
         raise ValueError(
             f"No keras-actgrad events in '{log_dir}': expected TensorBoard event "
             f"files in '{os.path.join(log_dir, EVENTS_SUBDIR)}', written by "
@@ -427,8 +501,10 @@ def load_report(log_dir: str) -> Report:
     scalars: dict[str, dict[int, float]] = {}
     order: list[str] = []
     thresholds: dict[str, float] = {}
-    for file in _event_files(path):
-        file_scalars, file_order, file_thresholds = _read_event_file(file)
+    read: list[EventFile] = []
+    for file in event_files(path):
+        file_scalars, file_order, file_thresholds, contents = _read_event_file(file)
+        read.append(contents)
         steps = [
             step
             for tag, series in file_scalars.items()
@@ -447,6 +523,31 @@ def load_report(log_dir: str) -> Report:
                 scalars.setdefault(tag, {}).update(series)
         order = file_order or order
         thresholds = file_thresholds or thresholds
+    if kind != "epoch" and not any(
+        _kind(tag) == "epoch" for tag, series in scalars.items() if series
+    ):
+        steps, step_values = _step_values(read)
+        if step_values or kind == "step":
+            if not step_values:
+                raise ValueError(
+                    f"No keras-actgrad step events in '{log_dir}': they are "
+                    "written by `GradientMonitor(log_dir=...)`. Received: "
+                    f"log_dir='{log_dir}', kind='step'."
+                )
+            logged = set(step_values.get("grad_norm", {}))
+            logged |= {p for per_probe in step_values.values() for p in per_probe}
+            probes = [probe for probe in order if probe in logged]
+            probes += sorted(logged - set(probes))
+            return Report(
+                log_dir, probes, steps, step_values, {}, thresholds, kind="step"
+            )
+    if kind == "epoch" and any(contents.steps for contents in read):
+        if not any(_kind(tag) == "epoch" for tag, series in scalars.items() if series):
+            raise ValueError(
+                f"No keras-actgrad epoch events in '{log_dir}': it holds the step "
+                "events of a `GradientMonitor`. Pass kind='step' (or None). "
+                f"Received: log_dir='{log_dir}', kind='epoch'."
+            )
     if not any(parse_summary_tag(tag) for tag in scalars):
         raise ValueError(
             f"No keras-actgrad events in '{log_dir}': the event files in '{path}' "

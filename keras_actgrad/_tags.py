@@ -48,6 +48,11 @@ EVENTS_SUBDIR = "actgrad"
 PROBE_ORDER_TAG = "actgrad/probe_order"
 THRESHOLDS_TAG = "actgrad/alert_thresholds"
 PROFILE_IMAGE_TAG = "actgrad/grad_norm_profile"
+# The monitor's step events, packed: every value of a step in one float64
+# tensor (plugin `actgrad`), first in its event, laid out by the JSON list
+# of column names (the `to_numpy` keys) written with it whenever it changes.
+STEP_VALUES_TAG = "actgrad_step/values"
+STEP_COLUMNS_TAG = "actgrad_step/columns"
 
 # Alert thresholds (the callback's defaults and the report's fallbacks): the
 # ratio of a probe's `grad_norm` to that of the last probe in forward order.

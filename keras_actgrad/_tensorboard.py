@@ -19,9 +19,18 @@ tag is built in `_tags.py`):
   a float64 `[k, 3]` tensor of (left edge, right edge, count) with the
   `histograms` plugin metadata, as `tf.summary.histogram` writes it.
 - scalars `<weights prefix>.grad_norm/<variable path>`.
+- the monitor's step events (`packed`): first in the event, every value of
+  the step in one float64 tensor `actgrad_step/values` (plugin `actgrad`),
+  then, whenever they change, the JSON list of its column names (the
+  `to_numpy` keys) as a string tensor `actgrad_step/columns`; the event's
+  scalars repeat the headline columns (`_eventfile.py` reads it).
 - text `actgrad/probe_order` (epoch events, and any event whose probe order
   differs from the last one written): a JSON list of probe names in
-  forward order; text `actgrad/alert_thresholds` (epoch events).
+  forward order; text `actgrad/alert_thresholds` (epoch events, and the
+  first event of the file).
+
+A tag's metadata is written with its first value in the file only, as
+TensorFlow's writers do (TensorBoard keeps the first one).
 - a Custom Scalars layout (`_layout.py`: every probe of a statistic on one
   chart) with the first event of each kind, and again whenever the probes
   or the kinds change (TensorBoard shows the last one).
@@ -56,6 +65,8 @@ from keras_actgrad._tags import (
     EVENTS_SUBDIR,
     PROBE_ORDER_TAG,
     PROFILE_IMAGE_TAG,
+    STEP_COLUMNS_TAG,
+    STEP_VALUES_TAG,
     THRESHOLDS_TAG,
     summary_tag,
     weight_summary_tag,
@@ -166,6 +177,10 @@ class EventWriter:
         self._order_written: list[str] | None = None
         self._layout_written: tuple[Any, ...] | None = None
         self._kinds: list[str] = []
+        # Tags written so far: a tag's metadata goes with its first value
+        # only, as TensorFlow's writers do (readers keep the first one).
+        self._tagged: set[str] = set()
+        self._columns_written: list[str] | None = None
         self._write_record(
             event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")
         )
@@ -250,6 +265,38 @@ class EventWriter:
             )
         return self._metadata[plugin]
 
+    def _add(self, summary: Any, tag: str, metadata: Any, tensor: Any) -> None:
+        """Adds a value; the metadata only with the tag's first value."""
+        if tag in self._tagged:
+            summary.value.add(tag=tag, tensor=tensor)
+        else:
+            self._tagged.add(tag)
+            summary.value.add(tag=tag, metadata=metadata, tensor=tensor)
+
+    def _add_packed(self, summary: Any, columns: Sequence[str], row: Any) -> None:
+        """The packed values of a step event, first in its summary, and their
+        column names when they changed (`_eventfile.read_file` reads them)."""
+        from tensorboard.compat.proto import summary_pb2
+
+        if "actgrad" not in self._metadata:
+            self._metadata["actgrad"] = summary_pb2.SummaryMetadata(
+                plugin_data=summary_pb2.SummaryMetadata.PluginData(
+                    plugin_name="actgrad"
+                ),
+                data_class=summary_pb2.DATA_CLASS_TENSOR,
+            )
+        metadata = self._metadata["actgrad"]
+        row = np.asarray(row, dtype="<f8")
+        self._add(summary, STEP_VALUES_TAG, metadata, _float64_matrix(row))
+        if self._columns_written != list(columns):
+            self._columns_written = list(columns)
+            self._add(
+                summary,
+                STEP_COLUMNS_TAG,
+                metadata,
+                _string(json.dumps(self._columns_written)),
+            )
+
     def write(
         self,
         kind: str,
@@ -258,15 +305,19 @@ class EventWriter:
         statistics: Sequence[str],
         probe_order: Sequence[str],
         scalars: Mapping[str, float] | None = None,
+        packed: tuple[Sequence[str], Any] | None = None,
     ) -> bool:
         """Writes one probe event; returns False if writing failed or is off.
 
-        `scalars` are more scalars of the event, by tag.
+        `scalars` are more scalars of the event, by tag. `packed`, `(column
+        names, values)`, are the event's values packed in one tensor (the
+        monitor's step events; the event's scalars then repeat some of them
+        for TensorBoard's own dashboards).
         """
         if not self.active:
             return False
         try:
-            self._write(kind, step, reduced, statistics, probe_order, scalars)
+            self._write(kind, step, reduced, statistics, probe_order, scalars, packed)
         except Exception as error:  # noqa: BLE001 - a failed write must not stop training
             self._fail(error)
             return False
@@ -280,6 +331,7 @@ class EventWriter:
         statistics: Sequence[str],
         probe_order: Sequence[str],
         scalars: Mapping[str, float] | None = None,
+        packed: tuple[Sequence[str], Any] | None = None,
     ) -> None:
         from tensorboard.compat.proto import event_pb2, summary_pb2
 
@@ -289,51 +341,54 @@ class EventWriter:
                 "directory removed?)"
             )
         summary = summary_pb2.Summary()
+        if packed is not None:
+            self._add_packed(summary, *packed)
         scalar = self._plugin_metadata("scalars")
         histogram = self._plugin_metadata("histograms")
         for probe in probe_order:
             values = reduced.statistics.get(probe, {})
             for statistic in statistics:
-                summary.value.add(
-                    tag=summary_tag(kind, probe, statistic),
-                    metadata=scalar,
-                    tensor=_scalar(values.get(statistic, np.nan)),
+                self._add(
+                    summary,
+                    summary_tag(kind, probe, statistic),
+                    scalar,
+                    _scalar(values.get(statistic, np.nan)),
                 )
             for name, (low, high, counts) in reduced.histograms.get(probe, {}).items():
-                summary.value.add(
-                    tag=summary_tag(kind, probe, name),
-                    metadata=histogram,
-                    tensor=_float64_matrix(histogram_buckets(low, high, counts)),
+                self._add(
+                    summary,
+                    summary_tag(kind, probe, name),
+                    histogram,
+                    _float64_matrix(histogram_buckets(low, high, counts)),
                 )
         for path, norm in reduced.weight_grad_norms.items():
-            summary.value.add(
-                tag=weight_summary_tag(kind, path),
-                metadata=scalar,
-                tensor=_scalar(norm),
-            )
+            self._add(summary, weight_summary_tag(kind, path), scalar, _scalar(norm))
         for tag, value in (scalars or {}).items():
-            summary.value.add(tag=tag, metadata=scalar, tensor=_scalar(value))
+            self._add(summary, tag, scalar, _scalar(value))
         if kind == "epoch" or self._order_written != list(probe_order):
-            summary.value.add(
-                tag=PROBE_ORDER_TAG,
-                metadata=self._plugin_metadata("text"),
-                tensor=_string(json.dumps(list(probe_order))),
+            self._add(
+                summary,
+                PROBE_ORDER_TAG,
+                self._plugin_metadata("text"),
+                _string(json.dumps(list(probe_order))),
             )
             self._order_written = list(probe_order)
         self._add_layout(summary, kind, statistics, probe_order)
+        if self.thresholds and (kind == "epoch" or THRESHOLDS_TAG not in self._tagged):
+            self._add(
+                summary,
+                THRESHOLDS_TAG,
+                self._plugin_metadata("text"),
+                _string(json.dumps(self.thresholds, sort_keys=True)),
+            )
         if kind == "epoch":
-            if self.thresholds:
-                summary.value.add(
-                    tag=THRESHOLDS_TAG,
-                    metadata=self._plugin_metadata("text"),
-                    tensor=_string(json.dumps(self.thresholds, sort_keys=True)),
-                )
             image = self._profile_image(step, reduced, probe_order)
             if image is not None:
-                summary.value.add(
-                    tag=PROFILE_IMAGE_TAG,
-                    metadata=self._plugin_metadata("images"),
-                    tensor=_image_tensor(image),
+                self._add(
+                    summary,
+                    PROFILE_IMAGE_TAG,
+                    self._plugin_metadata("images"),
+                    _image_tensor(image),
                 )
         self._write_record(
             event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary)
@@ -355,12 +410,11 @@ class EventWriter:
         key = (tuple(self._kinds), tuple(statistics), tuple(probe_order))
         if key == self._layout_written:
             return
-        summary.value.add(
-            tag=metadata.CONFIG_SUMMARY_TAG,
-            metadata=self._plugin_metadata("custom_scalars"),
-            tensor=_string(
-                layout(probe_order, statistics, self._kinds).SerializeToString()
-            ),
+        self._add(
+            summary,
+            metadata.CONFIG_SUMMARY_TAG,
+            self._plugin_metadata("custom_scalars"),
+            _string(layout(probe_order, statistics, self._kinds).SerializeToString()),
         )
         self._layout_written = key
 

@@ -124,8 +124,9 @@ def test_the_wheel_ships_the_plugin_and_its_entry_point(tmp_path):
 
 def test_tensorboard_starts_when_keras_cannot_be_imported(tmp_path, tensorboard_server):
     """Where Keras has no backend (TensorFlow missing, no `KERAS_BACKEND`),
-    TensorBoard starts without the tab: the loader imports Keras in `load`,
-    where TensorBoard catches the error."""
+    TensorBoard starts, with the tab: the dashboard imports neither Keras
+    nor TensorFlow (and the loader would import a failing one in `load`,
+    where TensorBoard catches the error)."""
     hidden = tmp_path / "hidden" / "tensorflow"
     hidden.mkdir(parents=True)
     (hidden / "__init__.py").write_text('raise ImportError("hidden by a test")\n')
@@ -137,7 +138,7 @@ def test_tensorboard_starts_when_keras_cannot_be_imported(tmp_path, tensorboard_
     listing = server.wait_for_json(
         "/data/plugins_listing", lambda value: "scalars" in value, default={}
     )
-    assert "scalars" in listing and "actgrad" not in listing
+    assert "scalars" in listing and "actgrad" in listing
 
 
 def heatmap(server, run, kind, statistic):
@@ -235,6 +236,45 @@ def test_heatmap_follows_training(tmp_path, tensorboard_server):
         default={},
     )
     assert data["steps"] == [0, 1, 2, 3]
+
+
+@pytest.mark.filterwarnings("ignore:Gradient spike:UserWarning")
+def test_monitor_run_shows_probes_and_weights_by_step(tmp_path, tensorboard_server):
+    """A `GradientMonitor` run: the probes' grad_norm (stock scalars) and the
+    weights' norms (packed step values, with a spike step whose columns
+    differ) by step, equal to what the monitor computed."""
+    model, x, y = deep_model(depth=3)
+    y[-8:] *= 100.0  # the last step of each epoch: a large gradient
+    monitor = keras_actgrad.GradientMonitor(
+        log_dir=str(tmp_path / "logs"), spike_factor=3.0
+    )
+    model.fit(
+        x, y, batch_size=8, epochs=2, verbose=0, shuffle=False, callbacks=[monitor]
+    )
+    assert monitor.events[-1]["spike"]  # after 5 steps of warm-up
+    server = tensorboard_server(tmp_path / "logs", env=server_env(tmp_path))
+    runs = server.wait_for_json(
+        "/data/plugin/actgrad/runs", lambda v: bool(v.get("runs")), default={}
+    )["runs"]
+    statistics = runs[0]["kinds"]["step"]
+    assert "grad_norm" in statistics and "weights: update_ratio" in statistics
+    steps = [event["step"] for event in monitor.events]
+    data = heatmap(server, "actgrad", "step", "grad_norm")
+    assert data["probes"] == monitor.probe_order and data["steps"] == steps
+    for i, probe in enumerate(data["probes"]):
+        expected = [e["statistics"][probe]["grad_norm"] for e in monitor.events]
+        got = [number(v) for v in data["values"][i]]
+        assert got == pytest.approx(expected, rel=1e-6)  # float32 scalars
+    paths = [v.path for v in model.trainable_variables]
+    for statistic, field in (
+        ("grad_norm", "weight_grad_norms"),
+        ("update_ratio", "update_ratios"),
+    ):
+        data = heatmap(server, "actgrad", "step", f"weights: {statistic}")
+        assert data["probes"] == paths and data["steps"] == steps
+        for i, path in enumerate(paths):
+            expected = [event[field][path] for event in monitor.events]
+            assert [number(v) for v in data["values"][i]] == expected  # float64
 
 
 def test_nonfinite_and_missing_cells(tmp_path, tensorboard_server):

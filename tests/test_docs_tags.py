@@ -36,6 +36,7 @@ PLUGINS = {
     "text": "text",
     "image": "images",
     "Custom Scalars layout": "custom_scalars",
+    "packed values": "actgrad",
 }
 
 EPOCHS, STEPS_PER_EPOCH = 2, 4

@@ -274,21 +274,24 @@ def test_tensorboard_step_tags(tmp_path: object) -> None:
     accumulator.Reload()
     tags = accumulator.Tags()["tensors"]
     kernel = model.trainable_variables[0].path
-    from keras_actgrad._tags import (
-        global_summary_tag,
-        summary_tag,
-        weight_summary_tag,
-    )
+    from keras_actgrad._tags import global_summary_tag, summary_tag
 
     for tag in (
         summary_tag("step", "h1_probe", "grad_norm"),
         summary_tag("step", "h1_probe", "gradient"),
         global_summary_tag("step"),
-        weight_summary_tag("step", kernel, "grad_norm"),
-        weight_summary_tag("step", kernel, "update_norm"),
-        weight_summary_tag("step", kernel, "update_ratio"),
     ):
         assert tag in tags, (tag, tags)
+    # The weights' norms are packed (read by `to_numpy`), not stock scalars.
+    assert not any(tag.startswith("actgrad_weights_step") for tag in tags)
+    columns = monitor.to_numpy()
+    for statistic, field in (
+        ("grad_norm", "weight_grad_norms"),
+        ("update_norm", "update_norms"),
+        ("update_ratio", "update_ratios"),
+    ):
+        key = f"actgrad_weights/{kernel}/{statistic}"
+        assert columns[key].tolist() == [e[field][kernel] for e in monitor.events]
     tag = summary_tag("step", "h1_probe", "grad_norm")
     steps = [e.step for e in accumulator.Tensors(tag)]
     assert steps == [1, 2, 3, 4]

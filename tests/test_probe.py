@@ -618,7 +618,16 @@ def test_insert_probes_selection_that_matches_nothing():
         insert_probes(weightless)
 
 
-def test_saved_model_loads_in_a_fresh_process_after_importing_the_package(tmp_path):
+@pytest.mark.parametrize(
+    "imports",
+    ["import keras, keras_actgrad", "import keras_actgrad\nimport keras"],
+    ids=["keras_first", "package_first"],
+)
+def test_saved_model_loads_in_a_fresh_process_after_importing_the_package(
+    tmp_path, imports
+):
+    # The package imports Keras lazily; its probes must be registered for
+    # `load_model` whichever is imported first, before any attribute is read.
     model = insert_probes(_mlp())
     path = tmp_path / "probed.keras"
     model.save(path)
@@ -626,7 +635,7 @@ def test_saved_model_loads_in_a_fresh_process_after_importing_the_package(tmp_pa
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "y.npy", model.predict(x, verbose=0))
     script = (
-        "import sys, numpy as np, keras, keras_actgrad\n"
+        f"import sys, numpy as np\n{imports}\n"
         "model = keras.saving.load_model(sys.argv[1])\n"
         "probes = [p.name for p in keras_actgrad.find_probes(model)]\n"
         "assert probes == ['d1_probe', 'd2_probe', 'head_probe'], probes\n"

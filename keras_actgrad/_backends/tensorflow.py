@@ -268,7 +268,17 @@ class TensorFlowAdapter:
                 config.reducer, activations, gradients, weight_gradients, loss, inputs
             )
 
-        function = tf.function(step)
+        # One `tf.function` per compiled pass, traced once per signature.
+        # TensorFlow counts retracings per Python code object, so every
+        # pass ever compiled in the process (each model, each loss) would
+        # add to one count and end in its "retracing ... creating
+        # @tf.function repeatedly in a loop" warning, which blames the
+        # user. A `functools.partial` has no `__code__`: the count is then
+        # per pass, and a retracing warning means what it says. No
+        # AutoGraph, as Keras compiles its own train function
+        # (`do_not_convert`): the model runs as it trains, and converting
+        # every function the trace calls cost more than the trace itself.
+        function = tf.function(functools.partial(step), autograph=False)
 
         def run(x: Any, y: Any, sample_weight: Any, inputs: Any = None) -> Any:
             scale = tf.constant(loss_scale(model), tf.float32)

@@ -13,6 +13,14 @@ plugin's own routes, under `/data/plugin/actgrad/`:
   at a step; non-finite values as the strings "NaN", "Infinity",
   "-Infinity"), the alert thresholds and the alerts per cell.
 
+A `GradientMonitor` run also lists, under the `step` kind, the statistics
+`weights: grad_norm`, `weights: update_norm` and `weights: update_ratio`:
+one row per trainable variable, read from the packed step values
+(`actgrad_step/values`, see `_tensorboard.py`), sampled as TensorBoard
+samples tensors of the `actgrad` plugin (1000 per run unless
+`--samples_per_plugin actgrad=N` says otherwise, see
+`tensorboard_plugin_actgrad.py`).
+
 The data is read through TensorBoard's data provider (the same reservoirs
 the Scalars dashboard reads: by default at most 1000 points per tag, see
 `tensorboard --samples_per_plugin scalars=N`), so the page follows training
@@ -43,6 +51,8 @@ PLUGIN_NAME = "actgrad"
 _STATIC = os.path.join(os.path.dirname(__file__), "static")
 _SCALARS = "scalars"
 _TEXT = "text"
+# The monitor's packed step values, the weight statistics read from them.
+_WEIGHTS = "weights: "
 _MAX_DOWNSAMPLE = 100_000
 
 
@@ -91,6 +101,9 @@ class ActgradPlugin(base_plugin.TBPlugin):
         listing = self._data_provider.list_scalars(
             ctx, experiment_id=experiment, plugin_name=_SCALARS
         )
+        packed = self._data_provider.list_tensors(
+            ctx, experiment_id=experiment, plugin_name=PLUGIN_NAME
+        )
         out = []
         for run in sorted(listing):
             kinds: dict[str, set[str]] = {}
@@ -98,6 +111,10 @@ class ActgradPlugin(base_plugin.TBPlugin):
                 parsed = _tags.parse_summary_tag(tag)
                 if parsed is not None and parsed.target == "probe":
                     kinds.setdefault(parsed.kind, set()).add(parsed.name)
+            if _tags.STEP_VALUES_TAG in packed.get(run, {}):
+                kinds.setdefault("step", set()).update(
+                    _WEIGHTS + name for name in _tags.WEIGHT_STATISTICS
+                )
             if kinds:
                 ordered = {
                     kind: sorted(kinds[kind])
@@ -117,6 +134,8 @@ class ActgradPlugin(base_plugin.TBPlugin):
         downsample: int = 1000,
     ) -> dict[str, Any]:
         """The probe x step matrix of one statistic of one run and kind."""
+        if kind == "step" and statistic.startswith(_WEIGHTS):
+            return self._weights(ctx, experiment, run, statistic, downsample)
         listing = self._data_provider.list_scalars(
             ctx,
             experiment_id=experiment,
@@ -172,6 +191,51 @@ class ActgradPlugin(base_plugin.TBPlugin):
             "values": values,
             "thresholds": thresholds,
             "alerts": alerts,
+        }
+
+    def _weights(
+        self, ctx: Any, experiment: str, run: str, statistic: str, downsample: int
+    ) -> dict[str, Any]:
+        """The variable x step matrix of a weight statistic, from the packed
+        step values (the weights' columns end every row, in the same order,
+        whatever the probes' columns)."""
+        name = statistic[len(_WEIGHTS) :]
+        data = self._data_provider.read_tensors(
+            ctx,
+            experiment_id=experiment,
+            plugin_name=PLUGIN_NAME,
+            downsample=downsample,
+            run_tag_filter=provider.RunTagFilter(
+                runs=[run], tags=[_tags.STEP_VALUES_TAG, _tags.STEP_COLUMNS_TAG]
+            ),
+        ).get(run, {})
+        columns: list[str] = []
+        for point in data.get(_tags.STEP_COLUMNS_TAG, [])[-1:]:
+            raw = point.numpy.item()
+            columns = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+        weights = [
+            (i - len(columns), parsed[1])
+            for i, parsed in enumerate(map(_tags.parse_key, columns))
+            if parsed is not None
+            and parsed[0] == _tags.WEIGHTS_LOG_PREFIX
+            and parsed[2] == name
+        ]
+        if name not in _tags.WEIGHT_STATISTICS or not weights:
+            raise errors.NotFoundError(
+                f"run {run!r} has no step events of statistic {statistic!r}"
+            )
+        points = sorted(data.get(_tags.STEP_VALUES_TAG, []), key=lambda p: int(p.step))
+        steps = [int(p.step) for p in points]
+        values = [[float(p.numpy[offset]) for p in points] for offset, _ in weights]
+        return {
+            "run": run,
+            "kind": "step",
+            "statistic": statistic,
+            "probes": [path for _, path in weights],
+            "steps": steps,
+            "values": values,
+            "thresholds": self._thresholds(ctx, experiment, run),
+            "alerts": [],
         }
 
     def _texts(self, ctx: Any, experiment: str, run: str, tag: str) -> Any:
