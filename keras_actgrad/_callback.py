@@ -98,7 +98,7 @@ class ActivationGradientCallback(keras.callbacks.Callback):
             -> scalar`, `data` being `x` or `(x, y)`), as in
             `activation_gradients`. Defaults to `"model"`.
         statistics: Names of the statistics to compute and write to
-            TensorBoard and `events` (see the README's statistics table), or
+            TensorBoard and `events` (see the guide "Statistics"), or
             `None` for all of them. Defaults to `None`.
         log_statistics: Statistics also written to `logs` (and so to the
             progress bar, `History`, `CSVLogger`, `EarlyStopping`) per probe,
@@ -122,14 +122,14 @@ class ActivationGradientCallback(keras.callbacks.Callback):
             `model.stop_training`). Defaults to `"warn"`.
         weight_gradients: Whether to also compute, from the same backward
             pass, the L2 norm of each trainable weight's gradient (written
-            to TensorBoard as `actgrad_weights/<variable path>/grad_norm`
+            to TensorBoard as `actgrad_weights.grad_norm/<variable path>`
             and kept in `events`). Defaults to `False`.
         probe_at_start: Whether to record one event before the first
-            update (TensorBoard prefix `actgrad_start/`). Defaults to
-            `False`.
+            update (TensorBoard tags `actgrad_start.<statistic>/<probe>`,
+            step = global step). Defaults to `False`.
         batch_freq: Also probe every `batch_freq` training steps
-            (TensorBoard prefix `actgrad_batch/`, step = global step; not
-            in `logs`). `None` turns it off. Defaults to `None`.
+            (TensorBoard tags `actgrad_batch.<statistic>/<probe>`, step =
+            global step; not in `logs`). `None` turns it off. Defaults to `None`.
         training: Whether layers run in training mode during the probe
             pass (Dropout on, BatchNormalization on batch statistics);
             state updates are discarded either way. Defaults to `False`.

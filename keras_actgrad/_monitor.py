@@ -62,7 +62,8 @@ class GradientMonitor(keras.callbacks.Callback):
     monitored run Keras's own compiled step, untouched, so they cost nothing.
     Training is unchanged: weights, optimizer slots, metrics and
     random-generator state are those of `fit` without the monitor, bit for
-    bit, except for the compilers' rounding in two cases (see the README):
+    bit, except for the compilers' rounding in two cases (see the guide
+    "Backends and reproducibility"):
     on TensorFlow, activation statistics (`act_*`, `dead_unit_fraction`,
     histograms) read the layer outputs, which can stop Grappler from
     merging additions (float32 rounding then differs); on JAX, XLA may round
@@ -158,10 +159,11 @@ class GradientMonitor(keras.callbacks.Callback):
 
     Raises:
         ValueError: for invalid arguments (here), and in `on_train_begin` for
-            a model without probes, a distributed setup other than those
-            above, or a model that overrides `train_step` under a
-            distribution; when the step is first traced (PyTorch: run), for
-            a custom `train_step` whose backward passes reach no tap.
+            a model without probes, Keras's NNX mode on JAX, a distributed
+            setup other than those above, or a model that overrides
+            `train_step` under a distribution; when the step is first traced
+            (PyTorch: run), for a custom `train_step` whose backward passes
+            reach no tap.
     """
 
     def __init__(
@@ -261,6 +263,7 @@ class GradientMonitor(keras.callbacks.Callback):
         # variables on every access; between steps the monitor uses this
         # reference instead (a sync mid-step would hand Keras donated buffers).
         self._fit_model = model
+        _check_not_nnx(model)
         _check_model(model, probes=not sites)
         if self._steps_model is not model or self._sites != sites:
             self._steps = {}
@@ -674,6 +677,25 @@ def global_grad_norm(grad_sq: np.ndarray, has_gradient: Sequence[bool]) -> float
     """
     present = np.asarray(has_gradient, bool)
     return float(np.sqrt(np.sum(grad_sq[present], dtype=np.float64)))
+
+
+def _check_not_nnx(model: keras.Model) -> None:
+    # Keras's NNX mode (JAX, `keras.config.is_nnx_enabled()`, Keras >= 3.11):
+    # the trainer builds its step from the model class's `train_step`, so the
+    # monitored step the monitor installs would never run.
+    is_nnx_enabled = getattr(keras.config, "is_nnx_enabled", None)
+    if keras.backend.backend() != "jax" or is_nnx_enabled is None:
+        return
+    if is_nnx_enabled():
+        raise ValueError(
+            "`GradientMonitor` does not support Keras's NNX mode on JAX: under "
+            "NNX the trainer builds its training step from the model's class, so "
+            "the monitor cannot observe the step of model "
+            f"'{model.name}'. Use `keras_actgrad.ActivationGradientCallback` "
+            "(a separate probe pass, e.g. `batch_freq=1` for every step), or turn "
+            "NNX off (unset `KERAS_NNX_ENABLED`). Received: "
+            "keras.config.is_nnx_enabled()=True."
+        )
 
 
 def _check_model(model: keras.Model, probes: bool = True) -> None:

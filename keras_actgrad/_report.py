@@ -3,7 +3,8 @@
 `ActivationGradientCallback(log_dir=...)` writes its events into
 `<log_dir>/actgrad/`: one scalar per probe and statistic at every probed
 epoch (tag `actgrad.<statistic>/<probe>`, step = 0-based epoch; the tags of
-keras-actgrad 0.1, `actgrad/<probe>/<statistic>`, are read too), and the
+development versions before 0.1.0, `actgrad/<probe>/<statistic>`, are read
+too), and the
 probes' forward order as the text summary `actgrad/probe_order`.
 `GradientMonitor(log_dir=...)` writes its step events there too, every
 value of a step packed in one tensor (see `_tensorboard.py`); a log directory

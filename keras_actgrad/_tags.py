@@ -128,8 +128,8 @@ _TAG_PREFIXES.update(
 def parse_summary_tag(tag: str) -> SummaryTag | None:
     """The inverse of `summary_tag` and `weight_summary_tag`, or None.
 
-    Also reads the scheme of keras-actgrad 0.1 (`<prefix>/<probe>/<name>`),
-    so that older logs still load.
+    Also reads the scheme of development versions before 0.1.0
+    (`<prefix>/<probe>/<name>`), so that older logs still load.
     """
     head, _, rest = tag.partition("/")
     prefix, dot, name = head.partition(".")

@@ -98,6 +98,7 @@ def test_operation_nodes_and_a_shared_layer():
     check(by_class, expected)
 
 
+@pytest.mark.compat
 def test_subclassed_sublayers_by_glob_class_object_and_predicate():
     model, x, y = subclassed()
     selection = [
@@ -290,6 +291,7 @@ def test_callable_losses_of_any_name(loss, with_labels):
     np.testing.assert_allclose(results["score/dense"].gradient, expected, rtol=1e-6)
 
 
+@pytest.mark.compat
 def test_callback_with_layers_in_fit():
     model, x, y = subclassed()
     model.compile(optimizer="sgd", loss="mse")

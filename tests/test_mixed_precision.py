@@ -82,6 +82,7 @@ def close(actual, expected, rtol):
     return np.max(np.abs(actual - expected)) <= rtol * np.max(np.abs(expected))
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 def test_gradients_match_float32_copy(global_policy, policy):
     global_policy(policy)
@@ -240,6 +241,7 @@ def test_truly_nonfinite_float16_gradients_are_reported(global_policy):
         np.testing.assert_array_equal(ours, theirs)
 
 
+@pytest.mark.compat
 def test_weight_gradient_norms_are_unscaled(global_policy):
     # Weight gradients share the scaled backward pass: they must come back
     # unscaled, matching the float32 copy's.

@@ -119,6 +119,7 @@ def _relative(got: float, expected: float) -> float:
     return abs(got - expected) / abs(expected)
 
 
+@pytest.mark.compat
 def test_values_equal_a_replay_by_hand() -> None:
     model, twin = _model(), _model()
     twin.set_weights(model.get_weights())

@@ -164,6 +164,7 @@ def _fit(
     [None, ("grad_norm", "act_mean", "dead_unit_fraction")],
     ids=["all", "some"],
 )
+@pytest.mark.compat
 def test_unreached_probes_report_their_activation(statistics) -> None:
     model, sub = _models()
     names = list(STATISTICS if statistics is None else statistics)

@@ -63,6 +63,7 @@ def values(accumulator, tag):
     ]
 
 
+@pytest.mark.compat
 def test_scalars_histograms_and_probe_order(tmp_path):
     model, x, y = model_and_data()
     callback = ActivationGradientCallback(
@@ -97,6 +98,7 @@ def test_scalars_histograms_and_probe_order(tmp_path):
         assert plugin.plugin_data.plugin_name == "scalars"
 
 
+@pytest.mark.compat
 def test_start_batch_and_weight_prefixes(tmp_path):
     model, x, y = model_and_data()
     callback = ActivationGradientCallback(
