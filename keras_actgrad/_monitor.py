@@ -442,7 +442,7 @@ class GradientMonitor(keras.callbacks.Callback):
         checks: StepChecks | None = None,
     ) -> None:
         note = (
-            f" (The monitor checks every {self.every_n_steps}th step: it may "
+            f" (The monitor checks one step in {self.every_n_steps}: it may "
             "have started at an earlier one.)"
             if self.every_n_steps > 1
             else ""

@@ -234,12 +234,20 @@ def test_inf_learning_rate_alerts_at_the_first_update():
     assert "after the update at training step 1 " in messages[0]
 
 
-def test_finite_runs_do_not_alert():
+def test_finite_runs_do_not_alert_and_train_bit_for_bit():
+    # weight_gradients=False: the checks are the only new work on the
+    # optimizer's side; training is Keras's, bit for bit.
     x, y = data()
-    model = build()
+    plain = build(activation="tanh")
+    fit(plain, x, y, [])
+    model = build(activation="tanh")
     monitor = GradientMonitor(weight_gradients=False, on_nonfinite="raise")
     assert fit(model, x, y, [monitor]) == []
     assert len(monitor.events) == N // BATCH
+    variables = model.variables + model.optimizer.variables
+    references = plain.variables + plain.optimizer.variables
+    for ours, theirs in zip(variables, references, strict=True):
+        np.testing.assert_array_equal(_numpy(ours.value), _numpy(theirs.value))
 
 
 @pytest.fixture
