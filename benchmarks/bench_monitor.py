@@ -8,6 +8,9 @@ compiled function traced before timing), side by side in one process, one
 - `plain`: `fit` without callbacks;
 - `every_step`: the monitor at every step, all statistics, weight gradients;
 - `every_16`: the monitor every 16 steps (once an epoch), default statistics;
+- `every_step_no_weights`: every step, default statistics,
+  `weight_gradients=False` (the non-finite checks then take one reduction
+  over every gradient and weight of their own);
 - `histograms_100`: every step, default statistics, histograms every 100
   steps (with 16 steps a fit, the rounds hit a histogram step now and then,
   as a long run does);
@@ -36,6 +39,8 @@ Usage:
     KERAS_BACKEND=jax python benchmarks/bench_monitor.py           # full run
     KERAS_BACKEND=jax python benchmarks/bench_monitor.py --quick   # smoke check
     KERAS_BACKEND=tensorflow python benchmarks/bench_monitor.py --model resnet50
+    KERAS_BACKEND=jax python benchmarks/bench_monitor.py --rounds 5 \
+        --only every_step,every_step_no_weights,step_pairs,step_pairs_no_weights
 """
 
 from __future__ import annotations
@@ -81,7 +86,12 @@ class StepTimes(keras.callbacks.Callback):
 
 
 def alternating_ratio(
-    model: keras.Model, x: np.ndarray, y: np.ndarray, batch: int, fits: int
+    model: keras.Model,
+    x: np.ndarray,
+    y: np.ndarray,
+    batch: int,
+    fits: int,
+    weight_gradients: bool = True,
 ) -> float:
     """Monitored / unmonitored step time, paired step by step inside `fit`.
 
@@ -91,7 +101,11 @@ def alternating_ratio(
     ratio is the median of the pairs' ratios. A step's time includes the
     callbacks' work (the monitor's host side on its steps).
     """
-    monitor = keras_actgrad.GradientMonitor(every_n_steps=2, statistics=None)
+    monitor = keras_actgrad.GradientMonitor(
+        every_n_steps=2,
+        statistics=None if weight_gradients else ("grad_norm",),
+        weight_gradients=weight_gradients,
+    )
     timer = StepTimes()
 
     def fit() -> None:
@@ -142,6 +156,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few rounds only")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--model", choices=["mlp", "resnet50"], default="mlp")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated configurations to time (plain is always timed)",
+    )
     args = parser.parse_args()
     rounds = args.rounds or (2 if args.quick else 15)
 
@@ -159,6 +178,7 @@ def main() -> None:
     callbacks: dict[str, Callable[[], list[keras.callbacks.Callback]]] = {}
     every_step = keras_actgrad.GradientMonitor(statistics=None)
     every_16 = keras_actgrad.GradientMonitor(every_n_steps=16)
+    no_weights = keras_actgrad.GradientMonitor(weight_gradients=False)
     histograms = keras_actgrad.GradientMonitor(histograms_every_n_steps=100)
     probe_callback = keras_actgrad.ActivationGradientCallback(
         probe_batch, freq=[], batch_freq=1, histograms=False
@@ -167,12 +187,16 @@ def main() -> None:
         "plain": lambda: [],
         "every_step": lambda: [every_step],
         "every_16": lambda: [every_16],
+        "every_step_no_weights": lambda: [no_weights],
         "histograms_100": lambda: [histograms],
         "probe_callback_batch_1": lambda: [probe_callback],
     }
     if args.model == "resnet50":
         for name in ("histograms_100", "probe_callback_batch_1"):
             del callbacks[name]
+    if args.only:
+        chosen = {"plain", *args.only.split(",")}
+        callbacks = {k: v for k, v in callbacks.items() if k in chosen}
 
     def fit(name: str) -> Callable[[], object]:
         def run() -> object:
@@ -198,7 +222,7 @@ def main() -> None:
         e["histograms"] for e in histograms.events
     ):  # pragma: no cover - only if 100 steps were not reached yet
         functions["histograms_100"]()
-    for monitor in (every_step, every_16, histograms):
+    for monitor in (every_step, every_16, histograms, no_weights):
         monitor.events.clear()
     times = timings(functions, rounds)
     print(
@@ -209,11 +233,19 @@ def main() -> None:
         median = float(np.median(times[name]))
         ratio = paired_ratio(times, name, "plain")
         print(f"  {name:24} {median:7.3f} s   {ratio:5.3f}x plain")
-    ratio = alternating_ratio(model, x, y, batch, rounds)
-    print(
-        f"  {'every_step, step pairs':24} {'':9}   {ratio:5.3f}x plain "
-        "(monitored / next unmonitored step, every_n_steps=2, all statistics)"
-    )
+    pairs = args.only.split(",") if args.only else ["step_pairs"]
+    if "step_pairs" in pairs:
+        ratio = alternating_ratio(model, x, y, batch, rounds)
+        print(
+            f"  {'every_step, step pairs':24} {'':9}   {ratio:5.3f}x plain "
+            "(monitored / next unmonitored step, every_n_steps=2, all statistics)"
+        )
+    if "step_pairs_no_weights" in pairs:
+        ratio = alternating_ratio(model, x, y, batch, rounds, weight_gradients=False)
+        print(
+            f"  {'no weights, step pairs':24} {'':9}   {ratio:5.3f}x plain "
+            "(as above, default statistics, weight_gradients=False)"
+        )
 
 
 if __name__ == "__main__":

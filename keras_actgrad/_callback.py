@@ -33,6 +33,7 @@ from keras_actgrad._engine.losses import check_loss
 from keras_actgrad._events import history, to_columns
 from keras_actgrad._layers import Layers, Site, select_layers
 from keras_actgrad._statistics import chunks
+from keras_actgrad._statistics.nonfinite import nonfinite_variables
 from keras_actgrad._statistics.statistics import (
     DEFAULT_BINS,
     STATISTICS,
@@ -117,7 +118,8 @@ class ActivationGradientCallback(keras.callbacks.Callback):
             and activation (on the device, `histogram_bins` bins). Defaults
             to `True`.
         on_nonfinite: What to do when a probe's gradient has NaN or Inf
-            entries: `"warn"` (once per run), `"raise"` (a
+            entries (with `weight_gradients`, also a weight gradient of the
+            probe pass, or a weight): `"warn"` (once per run), `"raise"` (a
             `FloatingPointError`) or `"stop"` (warn and set
             `model.stop_training`). Defaults to `"warn"`.
         weight_gradients: Whether to also compute, from the same backward
@@ -501,6 +503,23 @@ class ActivationGradientCallback(keras.callbacks.Callback):
         )
         if self._writer is not None:
             self._writer.write(kind, step, reduced, self.statistics, self.probe_order)
+        if self.weight_gradients:
+            # First: non-finite weights are the cause of the probes' NaNs.
+            variables = self.model.trainable_variables
+            norms = reduced.weight_grad_norms
+            missing = set(reduced.without_gradient)
+            self._alerts.check_weights(
+                self.model,
+                self._where(kind, epoch, step),
+                [
+                    v.path
+                    for v in variables
+                    if v.path in norms
+                    and v.path not in missing
+                    and not math.isfinite(norms[v.path])
+                ],
+                nonfinite_variables(variables),
+            )
         self._alerts.check(
             self.model,
             self._where(kind, epoch, step),

@@ -13,7 +13,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_actgrad._alerts import Alerts
+from keras_actgrad._alerts import Alerts, StepChecks
 from keras_actgrad._arguments import (
     check_alert_arguments,
     check_log_dir,
@@ -146,8 +146,19 @@ class GradientMonitor(keras.callbacks.Callback):
             once per spike, naming the step and the probe with the largest
             gradient. `None`: off.
         log_dir: TensorBoard log directory, or `None`. Defaults to `None`.
-        on_nonfinite: `"warn"`, `"raise"` or `"stop"`, as in
-            `ActivationGradientCallback`. Defaults to `"warn"`.
+        on_nonfinite: What to do when a monitored step finds a NaN or Inf
+            in its loss (`logs["loss"]`), a probe's gradient, a weight
+            gradient or a weight after the update: `"warn"` (once per run),
+            `"raise"` (a `FloatingPointError`, raised before the next step
+            trains: the model keeps the weights that step made) or `"stop"`
+            (warn and set `model.stop_training`). The message names the
+            step and the first variable or probe. Under `LossScaleOptimizer`
+            a step whose gradients are not finite while its loss and
+            weights are is skipped by the optimizer by design (it lowers the
+            loss scale): it alerts only if the loss scale was already 1 or
+            less. These checks cost one reduction over the gradients and
+            weights a monitored step (none more with `weight_gradients`).
+            Defaults to `"warn"`.
         histogram_bins: Number of histogram bins. Defaults to `30`.
         vanishing_threshold: as in `ActivationGradientCallback`.
         exploding_threshold: as in `ActivationGradientCallback`.
@@ -253,6 +264,10 @@ class GradientMonitor(keras.callbacks.Callback):
         self._fit_model: Any = None
         self._sites: tuple[Any, ...] = ()
         self._passes: list[list[str]] = []
+        self._loss_scaling = False
+        # A `FloatingPointError` of on_nonfinite="raise", raised at the next
+        # hook (see `_raise_pending`).
+        self._pending: FloatingPointError | None = None
 
     # Keras hooks.
 
@@ -274,6 +289,10 @@ class GradientMonitor(keras.callbacks.Callback):
         self._execution = int(getattr(model, "steps_per_execution", 1) or 1)
         self._step = global_step(model)
         self._alerts.reset()
+        self._pending = None
+        self._loss_scaling = isinstance(
+            model.optimizer, keras.optimizers.LossScaleOptimizer
+        )
         self._in_spike = False
         order = (
             [site.name for site in sites]
@@ -324,9 +343,13 @@ class GradientMonitor(keras.callbacks.Callback):
             # read again (Keras has synced the state into the variables).
             self._step = global_step(self._fit_model)
 
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._raise_pending()
+
     def on_train_batch_begin(
         self, batch: int, logs: dict[str, Any] | None = None
     ) -> None:
+        self._raise_pending()
         index = self._step  # updates done before this step
         if self._execution > 1:
             self._begin_execution(index, batch)
@@ -401,6 +424,23 @@ class GradientMonitor(keras.callbacks.Callback):
             self._writer.close()
             self._writer = None
 
+    def _raise_pending(self) -> None:
+        """Raises the alert of on_nonfinite="raise", after the step's end.
+
+        A step's alert is found inside the train function; it is raised at
+        the next hook (the next step's start or the epoch's end), before
+        the next update: `fit` has then stored the step's state (JAX keeps
+        it outside the variables during an epoch), so the model holds the
+        weights that step made. `fit` then ends without `on_train_end`,
+        so the monitor restores Keras's train function and closes its
+        writer first.
+        """
+        error, self._pending = self._pending, None
+        if error is None:
+            return
+        self.on_train_end()
+        raise error
+
     # The monitored steps.
 
     def _config(self, histograms: bool) -> StepConfig:
@@ -442,9 +482,11 @@ class GradientMonitor(keras.callbacks.Callback):
             self._passes = list(monitored.layout.passes)
         event = unpack(vector, monitored.layout, monitored.config, step, self._epoch)
         event["spike_threshold"] = monitored.threshold
-        self._finish_event(event)
+        self._finish_event(event, unpack_checks(vector, monitored.layout))
 
-    def _finish_event(self, event: dict[str, Any]) -> None:
+    def _finish_event(
+        self, event: dict[str, Any], checks: StepChecks | None = None
+    ) -> None:
         statistics = event["statistics"]
         order = [name for name in self.probe_order if name in statistics]
         order += [name for name in statistics if name not in order]
@@ -493,7 +535,7 @@ class GradientMonitor(keras.callbacks.Callback):
             self._logs_complete = self._logs_complete and written
         # On what the step computed (`nonfinite` and `grad_norm` always),
         # not only the statistics the event reports.
-        self._alert(event["step"], statistics)
+        self._alert(event["step"], statistics, checks)
 
     def _packed(
         self, event: dict[str, Any], names: list[str]
@@ -544,13 +586,37 @@ class GradientMonitor(keras.callbacks.Callback):
             stacklevel=2,
         )
 
-    def _alert(self, step: int, statistics: dict[str, dict[str, float]]) -> None:
-        # A custom step's passes are checked one by one: the first-to-last
-        # ratio compares the taps of one backward pass.
-        for order in self._passes or [self.probe_order]:
-            self._alerts.check(
-                self._fit_model, f"at training step {step}", order, statistics
-            )
+    def _alert(
+        self,
+        step: int,
+        statistics: dict[str, dict[str, float]],
+        checks: StepChecks | None = None,
+    ) -> None:
+        note = (
+            f" (The monitor checks one step in {self.every_n_steps}: it may "
+            "have started at an earlier one.)"
+            if self.every_n_steps > 1
+            else ""
+        )
+        try:
+            if checks is not None and self._alerts.check_step(
+                self._fit_model,
+                step,
+                checks,
+                self.probe_order,
+                statistics,
+                self._loss_scaling,
+                note,
+            ):
+                return  # a step LossScaleOptimizer skipped: no alert
+            # A custom step's passes are checked one by one: the
+            # first-to-last ratio compares the taps of one backward pass.
+            for order in self._passes or [self.probe_order]:
+                self._alerts.check(
+                    self._fit_model, f"at training step {step}", order, statistics
+                )
+        except FloatingPointError as error:
+            self._pending = error
 
     # In-memory results.
 
@@ -665,6 +731,14 @@ def unpack(
         "global_grad_norm": global_norm,
         "spike": spike,
     }
+
+
+def unpack_checks(vector: np.ndarray, layout: Layout | None) -> StepChecks:
+    """The non-finite checks at the end of a monitored step's vector."""
+    if layout is None:
+        raise RuntimeError("Internal error: the monitored step was never traced.")
+    size = 2 * len(layout.checked) + 2
+    return StepChecks.unpack(vector[-size:], layout.checked)
 
 
 def global_grad_norm(grad_sq: np.ndarray, has_gradient: Sequence[bool]) -> float:

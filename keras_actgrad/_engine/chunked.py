@@ -92,4 +92,10 @@ def reduce_chunks(
         reduced.weight_grad_norms = {
             path: _norm(sums[path]) for path in sorted(result.weight_paths)
         }
+        missing = np.asarray(result.outputs["missing"]).reshape(-1)
+        reduced.without_gradient = [
+            path
+            for path, flag in zip(sorted(result.weight_paths), missing, strict=True)
+            if flag > 0
+        ]
     return reduced, result

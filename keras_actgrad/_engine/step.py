@@ -55,6 +55,7 @@ from keras_actgrad._engine.passes import (
 )
 from keras_actgrad._layers import Site, remat_outside_taps, tapping_layers
 from keras_actgrad._statistics.moments import Moments
+from keras_actgrad._statistics.nonfinite import step_checks
 from keras_actgrad._statistics.statistics import STATISTICS, moments_for
 
 PAYLOAD_KEY = "__keras_actgrad_monitor__"
@@ -166,6 +167,13 @@ class _Trace:
         self.reached: set[int] | None = None
         self.full: Tensor | None = None
         self.spike: Tensor | None = None
+        # The non-finite checks (`step_checks`), the loss's and the loss
+        # scale of the gradients the optimizer received.
+        self.checks: Tensor | None = None
+        self._checks: list[Tensor] = []  # per optimizer application
+        self.checked: list[str] = []
+        self.loss_check: Tensor | None = None
+        self.step_scale: Any = None
         self._calls: dict[str, int] = {}
         self._probe_class = step_moments_class()
         self._replicas = replicas()
@@ -325,12 +333,14 @@ class _Trace:
         self,
         paths: list[str],
         grads: list[Any],
-        old: list[Tensor],
+        old: list[Tensor] | None,
         new: list[Tensor],
         scale: Any,
     ) -> None:
         """Weight-gradient norms (unscaled), update norms, weight norms.
 
+        With `old` None (no weight statistics asked for), only the
+        non-finite checks of the gradients and the updated weights.
         A variable without a gradient (None: TensorFlow, PyTorch; on JAX,
         whose `grad` gives zeros, a variable whose tap no gradient reached)
         is known here, at trace time: its squared gradient norm is NaN and
@@ -343,16 +353,29 @@ class _Trace:
         grads = self._replicas.sum(grads)
         # Several applications (a custom step's optimizers): one after the
         # other; a variable updated twice gets `@1` on its second path.
+        named = []
         for path in paths:
-            count = sum(1 for p in self.weight_paths if base_path(p) == path)
-            self.weight_paths.append(path if count == 0 else f"{path}@{count}")
-        self.has_gradient += [g is not None for g in grads]
-        self._applied.append(self._probe_class.weight_squares(grads, old, new, scale))
-        self.weights = (
-            self._applied[0]
-            if len(self._applied) == 1
-            else keras.ops.concatenate(self._applied, axis=1)
+            count = sum(1 for p in self.checked if base_path(p) == path)
+            named.append(path if count == 0 else f"{path}@{count}")
+        self.checked += named
+        squares = None
+        if old is not None:
+            self.weight_paths += named
+            self.has_gradient += [g is not None for g in grads]
+            squares = self._probe_class.weight_squares(grads, old, new, scale)
+            self._applied.append(squares)
+            self.weights = (
+                self._applied[0]
+                if len(self._applied) == 1
+                else keras.ops.concatenate(self._applied, axis=1)
+            )
+        self._checks.append(step_checks(grads, new, squares))
+        self.checks = (
+            self._checks[0]
+            if len(self._checks) == 1
+            else keras.ops.concatenate(self._checks, axis=1)
         )
+        self.step_scale = scale
 
     def global_sq_norm(self) -> Tensor:
         """The squared global gradient norm: over the gradients that exist.
@@ -447,6 +470,7 @@ class _Trace:
         else:
             # One pass: every visit, as Keras's own step reports them.
             order = list(dict.fromkeys(self.order))
+        parts += self._check_parts()
         self.layout = Layout(
             order=order,
             probes=names,
@@ -456,10 +480,25 @@ class _Trace:
             spike=self.full is not None,
             full_probes=full_names,
             passes=groups if len(groups) > 1 else [],
+            checked=list(self.checked),
         )
-        if not parts:
-            return ops.zeros((0,), "float32")
         return ops.concatenate([ops.cast(p, "float32") for p in parts])
+
+    def _check_parts(self) -> list[Tensor]:
+        """The tail of the vector: checks, loss check, loss scale (`Layout`)."""
+        ops = keras.ops
+        nan = ops.full((1,), float("nan"), "float32")
+        parts = []
+        if self.checks is not None:
+            parts.append(ops.reshape(self.checks, (-1,)))
+        parts.append(
+            nan if self.loss_check is None else ops.reshape(self.loss_check, (1,))
+        )
+        scale = self.step_scale
+        parts.append(
+            nan if scale is None else ops.reshape(ops.cast(scale, "float32"), (1,))
+        )
+        return parts
 
 
 @dataclasses.dataclass
@@ -472,7 +511,12 @@ class Layout:
     update, in `model.trainable_variables` order; NaN gradient norm for a
     variable without a gradient, `weight_has_gradient` False), then with
     `spike` the full rows of `full_probes` (`StepConfig.full_row_size()`
-    each) and a last value, 1.0 on a spike step.
+    each) and a value, 1.0 on a spike step; last, the non-finite checks:
+    two rows of `len(checked)` values (1.0 where the gradient, then the
+    weights after the update, of each variable of `checked` hold a NaN or
+    Inf: `step_checks`), 1.0 when the step's `logs["loss"]` is not finite
+    (NaN: no loss in the logs), and the loss scale of the gradients the
+    optimizer received (NaN: none).
     """
 
     # The result keys in reading order: every tap visit (one pass), or
@@ -486,6 +530,7 @@ class Layout:
     full_probes: list[str]
     # Several passes (a custom step): each pass's keys, in reading order.
     passes: list[list[str]] = dataclasses.field(default_factory=list)
+    checked: list[str] = dataclasses.field(default_factory=list)
 
 
 class _DataWithThreshold:
@@ -567,11 +612,14 @@ class MonitoredStep:
         model = self.model
         optimizer = model.optimizer
         config = self.config
-        observe = config.weight_gradients or config.spike_bins
+        # The optimizer is observed on every monitored step (the non-finite
+        # checks); the weight norms, and the copies of the weights they
+        # need, only when asked for.
+        norms = bool(config.weight_gradients or config.spike_bins)
         patched: dict[str, Any] = {}
         backend = _backend()
         monitor = self
-        if observe and not backend.stateless:
+        if not backend.stateless:
             original = optimizer.apply
 
             def apply(grads: Any, trainable_variables: Any = None) -> Any:
@@ -581,7 +629,11 @@ class MonitoredStep:
                     else list(trainable_variables)
                 )
                 scale = trace.scale()
-                old = [backend.copy(v.value) for v in variables]
+                if scale is not None and not isinstance(scale, (int, float)):
+                    # The scale before the update changes it (PyTorch
+                    # changes a variable's tensor in place).
+                    scale = backend.copy(scale)
+                old = [backend.copy(v.value) for v in variables] if norms else None
                 result = original(grads, trainable_variables)
                 trace.observe(
                     [v.path for v in variables],
@@ -595,7 +647,7 @@ class MonitoredStep:
                 return result
 
             patched["apply"] = apply
-        if observe and backend.stateless:
+        if backend.stateless:
             original_stateless = optimizer.stateless_apply
 
             def stateless_apply(
@@ -607,7 +659,7 @@ class MonitoredStep:
                 trace.observe(
                     monitor.weight_paths,
                     list(grads),
-                    list(trainable_variables),
+                    list(trainable_variables) if norms else None,
                     list(new_trainable),
                     trace.scale(),
                 )
@@ -619,7 +671,7 @@ class MonitoredStep:
         for name, function in patched.items():
             object.__setattr__(optimizer, name, function)
         tapped_model = False
-        if observe and backend.stateless:
+        if norms and backend.stateless:
             # `jax.grad` gives zeros for a variable no gradient reaches: an
             # identity on each trainable variable, inside the function Keras
             # differentiates, marks the ones reached (its backward function
@@ -728,6 +780,12 @@ class MonitoredStep:
                     else monitor._threshold_value()
                 )
             out: dict[str, Any] = dict(logs)
+            out: dict[str, Any] = dict(logs)
+            loss = out.get("loss")
+            if loss is not None:
+                ops = keras.ops
+                finite = ops.isfinite(ops.cast(loss, "float32"))
+                trace.loss_check = ops.cast(ops.logical_not(finite), "float32")
             # Several JAX processes: on every device, read by every host.
             out[PAYLOAD_KEY] = processes().replicated(trace.payload())
             monitor.layout = trace.layout

@@ -263,7 +263,8 @@ class ChunkReducer(StatisticsReducer):
     moments and histograms laid out as `StatisticsReducer`'s, without
     weight-gradient norms), `"counts"` (each tap's per-unit nonzero counts)
     and, with weight gradients, `"device"`: the sums including this chunk,
-    left on the device for the next one.
+    left on the device for the next one, and `"missing"`: 1.0 per variable
+    without a gradient (sorted by path).
     """
 
     scale_gradients: bool = True
@@ -323,6 +324,11 @@ class ChunkReducer(StatisticsReducer):
                 )
                 for path, gradient in weight_gradients.items()
             }
+            # 1.0 for a variable without a gradient (sorted by path).
+            output["missing"] = ops.convert_to_tensor(
+                [float(weight_gradients[p] is None) for p in sorted(weight_gradients)],
+                "float32",
+            )
         return output
 
 

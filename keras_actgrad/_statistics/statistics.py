@@ -22,7 +22,6 @@ import keras
 import numpy as np
 
 from keras_actgrad._backends import moments_class
-from keras_actgrad._statistics.moments import nan
 
 Tensor = Any
 
@@ -163,6 +162,10 @@ def _closed_form(name: str, m: dict[str, Any]) -> Any:
     return m[key]
 
 
+# `combine`'s weight-gradient norm of a variable without a gradient.
+_NO_GRADIENT = -1.0
+
+
 @dataclasses.dataclass(frozen=True)
 class StatisticsReducer:
     """Reduces a probe pass to statistics, histograms and weight-gradient norms.
@@ -289,7 +292,9 @@ class StatisticsReducer:
         for path in sorted(weight_gradients):
             gradient = weight_gradients[path]
             if gradient is None:
-                norms.append(nan())
+                # A norm is never negative: `unpack` tells a missing gradient
+                # (NaN for the user) from a non-finite one by this mark.
+                norms.append(ops.convert_to_tensor(_NO_GRADIENT, "float32"))
             else:
                 norms.append(
                     ops.sqrt(ops.sum(ops.square(ops.cast(gradient, "float32"))))
@@ -331,8 +336,13 @@ class StatisticsReducer:
                     "gradient": _unpack_histogram(gradient),
                     "activation": _unpack_histogram(activation),
                 }
-        norms = {path: float(vector[rows + j]) for j, path in enumerate(weights)}
-        return Reduced(statistics, histograms, norms)
+        values = [float(vector[rows + j]) for j in range(len(weights))]
+        without = [path for path, v in zip(weights, values, strict=True) if v < 0]
+        norms = {
+            path: math.nan if v < 0 else v
+            for path, v in zip(weights, values, strict=True)
+        }
+        return Reduced(statistics, histograms, norms, without)
 
 
 def _unpack_histogram(values: np.ndarray) -> tuple[float, float, np.ndarray]:
@@ -350,3 +360,5 @@ class Reduced:
     statistics: dict[str, dict[str, float]]
     histograms: dict[str, dict[str, tuple[float, float, np.ndarray]]]
     weight_grad_norms: dict[str, float]
+    # The variables that got no gradient (their norm is NaN).
+    without_gradient: list[str] = dataclasses.field(default_factory=list)
