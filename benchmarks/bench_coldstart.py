@@ -210,17 +210,25 @@ def main() -> None:
         warm = statistics.median(r["probe_warm"] / r["train_warm"] for r in rows)
         print(f"  cold probe/train {ratio:.2f}x   warm {warm:.2f}x")
         return
-    results: dict[str, list[dict[str, float]]] = {"none": [], "callback": [], "monitor": []}
+    results: dict[str, list[dict[str, float]]] = {
+        "none": [],
+        "callback": [],
+        "monitor": [],
+    }
     for _ in range(args.rounds):  # paired rounds: the three variants in turn
         for variant in results:
             results[variant].append(
-                spawn(["fit", "--model", args.model, "--variant", variant], args.backend)
+                spawn(
+                    ["fit", "--model", args.model, "--variant", variant], args.backend
+                )
             )
     base = results["none"]
     for variant, rows in results.items():
-        fit = statistics.median(r["fit_s"] / b["fit_s"] for r, b in zip(rows, base))
+        fit = statistics.median(
+            r["fit_s"] / b["fit_s"] for r, b in zip(rows, base, strict=True)
+        )
         rss = statistics.median(
-            r["peak_rss_mb"] / b["peak_rss_mb"] for r, b in zip(rows, base)
+            r["peak_rss_mb"] / b["peak_rss_mb"] for r, b in zip(rows, base, strict=True)
         )
         print(
             f"  {variant:<9} fit {statistics.median(r['fit_s'] for r in rows):7.1f} s"
