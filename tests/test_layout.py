@@ -89,6 +89,7 @@ def test_only_the_adapters_import_their_framework():
             "_backends/jax.py",
             "_backends/step_jax.py",
             "_backends/replicas_jax.py",
+            "_backends/processes_jax.py",
         },
         "torch": {
             "_backends/torch.py",

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import keras
 
-from keras_actgrad._backends import processes_jax
+from keras_actgrad._backends.processes_jax import unsupported
 from keras_actgrad._backends.base import OneProgram
 
 
 class JaxReplicas(OneProgram):
     @staticmethod
     def unsupported(model: keras.Model) -> str | None:
-        return processes_jax.unsupported()
+        return unsupported()
