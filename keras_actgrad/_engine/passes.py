@@ -150,6 +150,7 @@ def observer(
                     list(trainable_variables),
                     list(new_trainable),
                     scale(),
+                    accumulate=True,
                 )
             return new_trainable, new_optimizer
 
@@ -175,6 +176,7 @@ def observer(
                 old,
                 [v.value for v in variables],
                 factor,
+                accumulate=True,
             )
         return result
 

@@ -336,6 +336,7 @@ class _Trace:
         old: list[Tensor] | None,
         new: list[Tensor],
         scale: Any,
+        accumulate: bool = False,
     ) -> None:
         """Weight-gradient norms (unscaled), update norms, weight norms.
 
@@ -351,8 +352,13 @@ class _Trace:
             grads = [g if i in reached else None for i, g in enumerate(grads)]
         # Under tf.distribute: summed over the replicas, as the optimizer does.
         grads = self._replicas.sum(grads)
-        # Several applications (a custom step's optimizers): one after the
-        # other; a variable updated twice gets `@1` on its second path.
+        # Several applications (a custom step's optimizers, `accumulate`):
+        # one after the other; a variable updated twice gets `@1` on its
+        # second path. Keras's own step applies once (a replica's call under
+        # tf.distribute observes the same, summed, gradients): it replaces.
+        if not accumulate:
+            self.checked, self.weight_paths, self.has_gradient = [], [], []
+            self._applied, self._checks = [], []
         named = []
         for path in paths:
             count = sum(1 for p in self.checked if base_path(p) == path)
