@@ -141,6 +141,49 @@ def _tap(tensor: Any, on_gradient: Callable[[Any], Any]) -> Any:
     return tap(tensor)
 
 
+class _ShareFunctions:
+    """One `tf.function` per probe-share signature, called from the pass.
+
+    A probe's share of the statistics (its activation's or its gradient's
+    moments and histogram) is a few dozen ops, with branches for
+    non-finite tensors; written into the pass once per probe, they were
+    most of its trace and of the graph TensorFlow optimizes before the
+    first run. Probes of the same shape share one function instead, traced
+    once; ResNet50's 107 probes have 20 share signatures (activation and
+    gradient). Each function is kept out of line (`_noinline`): TensorFlow
+    optimizes and instantiates its small graph once, and the pass calls it
+    (a call per probe; the shares of different probes still run side by
+    side). Under XLA the calls are inlined into the compiled pass.
+    Measured (`benchmarks/bench_coldstart.py first`, ResNet50): the first
+    probe pass from 2.5x the first `train_on_batch` to 0.4x, its process's
+    peak RSS from 2.68 to 1.91 GB.
+
+    One function object per signature, each traced once: TensorFlow's
+    retracing warning counts traces per function.
+    """
+
+    def __init__(self, reducer: Any, jit: bool) -> None:
+        self._reducer = reducer
+        self._attributes = None if jit else {"_noinline": True}
+        self._functions: dict[Any, Any] = {}
+
+    def __call__(self, which: str, tensor: Any) -> Any:
+        key = (which, tuple(tensor.shape.as_list()), tensor.dtype)
+        function = self._functions.get(key)
+        if function is None:
+            reducer = self._reducer
+            method = (
+                reducer.reduce_activation if which == "a" else reducer.reduce_gradient
+            )
+            function = tf.function(
+                functools.partial(method),
+                autograph=False,
+                experimental_attributes=self._attributes,
+            )
+            self._functions[key] = function
+        return function(tensor)
+
+
 class TensorFlowAdapter:
     """Builds the pass as one `tf.function`."""
 
@@ -159,6 +202,12 @@ class TensorFlowAdapter:
         # XLA, with statistics XLA compiles.
         jit = bool(getattr(model, "jit_compile", False)) and not getattr(
             model, "run_eagerly", False
+        )
+
+        share_functions = (
+            _ShareFunctions(config.reducer, jit)
+            if isinstance(config.reducer, ProbeReducer)
+            else None
         )
 
         def step(x: Any, y: Any, sample_weight: Any, scale: Any, inputs: Any) -> Any:
@@ -189,7 +238,7 @@ class TensorFlowAdapter:
             def reduce_in_backward(index: int, dy: Any) -> Any:
                 if not inside[0]:
                     return dy
-                parts = reducer.reduce_gradient(to_float32(_dense(dy)))  # type: ignore[attr-defined]
+                parts = share_functions("g", to_float32(_dense(dy)))  # type: ignore[misc]
                 reduced[tapped_differentiable[index].name] = parts
                 pending.append(tf.nest.flatten(parts))
                 lag = BACKWARD_LAG
@@ -214,7 +263,7 @@ class TensorFlowAdapter:
                     # does not need). Unused if a float16 tap makes the pass
                     # take the whole-pass path below (pruned from the graph).
                     with tape.stop_recording():
-                        forward_shares.append(reducer.reduce_activation(tensor))  # type: ignore[attr-defined]
+                        forward_shares.append(share_functions("a", tensor))  # type: ignore[misc]
                     output = _tap(tensor, functools.partial(reduce_in_backward, index))
                 else:
                     output = tf.identity(tensor)
