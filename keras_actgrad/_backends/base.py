@@ -371,6 +371,22 @@ class StepHooks(Protocol):
         """`train_step`, compiled as Keras compiles the model's own train step."""
         ...
 
+    @staticmethod
+    def reductions(jit: bool) -> Callable[..., Any]:
+        """`reductions(name, fn, *tensors)`, which returns `fn(*tensors)`.
+
+        Where the backend can, traced once per `name` and signature of the
+        tensors and shared by the probes of the same shape (TensorFlow's
+        `SharedReductions`); elsewhere `call_directly`. `jit`: the step is
+        compiled with XLA.
+        """
+        ...
+
+
+def call_directly(name: str, fn: Callable[..., Any], *tensors: Any) -> Any:
+    """`StepHooks.reductions` where nothing is shared: `fn(*tensors)`."""
+    return fn(*tensors)
+
 
 class Replicas(Protocol):
     """How the monitored step combines the replicas' shares of the batch.

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import keras
 
-from keras_actgrad._backends.base import keras_train_function
+from keras_actgrad._backends.base import call_directly, keras_train_function
 
 
 class JaxStepHooks:
@@ -77,3 +77,7 @@ class JaxStepHooks:
         model: keras.Model, train_step: Callable[..., Any]
     ) -> Callable[..., Any]:
         return keras_train_function(model, train_step)
+
+    @staticmethod
+    def reductions(jit: bool) -> Callable[..., Any]:
+        return call_directly

@@ -16,6 +16,7 @@ import keras
 import tensorflow as tf
 
 from keras_actgrad._backends.base import keras_train_function
+from keras_actgrad._backends.tensorflow import SharedReductions
 from keras_actgrad._statistics.moments import xla_compatible
 
 
@@ -93,6 +94,13 @@ class TensorFlowStepHooks:
                 logger.removeFilter(_not_retracing)
 
         return monitored
+
+    @staticmethod
+    def reductions(jit: bool) -> Callable[..., Any]:
+        # Each probe's row reduced by one function per shape, out of line
+        # (see `SharedReductions`): the step's graph grows by a call a
+        # probe, not by its reductions.
+        return SharedReductions(jit)
 
 
 def _not_retracing(record: logging.LogRecord) -> bool:

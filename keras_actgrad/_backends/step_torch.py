@@ -14,6 +14,8 @@ from typing import Any
 import keras
 import torch
 
+from keras_actgrad._backends.base import call_directly
+
 
 class TorchStepHooks:
     end_of_data: tuple[type[BaseException], ...] = (StopIteration,)
@@ -84,3 +86,7 @@ class TorchStepHooks:
             return train_step(data[0])
 
         return one_step_on_data
+
+    @staticmethod
+    def reductions(jit: bool) -> Callable[..., Any]:
+        return call_directly

@@ -141,47 +141,45 @@ def _tap(tensor: Any, on_gradient: Callable[[Any], Any]) -> Any:
     return tap(tensor)
 
 
-class _ShareFunctions:
-    """One `tf.function` per probe-share signature, called from the pass.
+class SharedReductions:
+    """One `tf.function` per reduction and tensor signature, called in a trace.
 
     A probe's share of the statistics (its activation's or its gradient's
     moments and histogram) is a few dozen ops, with branches for
     non-finite tensors; written into the pass once per probe, they were
     most of its trace and of the graph TensorFlow optimizes before the
     first run. Probes of the same shape share one function instead, traced
-    once; ResNet50's 107 probes have 20 share signatures (activation and
-    gradient). Each function is kept out of line (`_noinline`): TensorFlow
-    optimizes and instantiates its small graph once, and the pass calls it
-    (a call per probe; the shares of different probes still run side by
-    side). Under XLA the calls are inlined into the compiled pass.
+    once: `reductions(name, fn, *tensors)` is `fn(*tensors)`, through the
+    function of `(name, the tensors' shapes and dtypes)`; ResNet50's 107
+    probes have 20 share signatures (activation and gradient). Each
+    function is kept out of line (`_noinline`): TensorFlow optimizes and
+    instantiates its small graph once, and the trace calls it (a call per
+    probe; the shares of different probes still run side by side). Under
+    XLA (`jit=True`) the calls are inlined into the compiled function.
     Measured (`benchmarks/bench_coldstart.py first`, ResNet50): the first
     probe pass from 2.5x the first `train_on_batch` to 0.4x, its process's
     peak RSS from 2.68 to 1.91 GB.
 
     One function object per signature, each traced once: TensorFlow's
-    retracing warning counts traces per function.
+    retracing warning counts traces per function. `fn` must depend on
+    nothing but its tensors and what is fixed for the whole trace.
     """
 
-    def __init__(self, reducer: Any, jit: bool) -> None:
-        self._reducer = reducer
+    def __init__(self, jit: bool) -> None:
         self._attributes = None if jit else {"_noinline": True}
         self._functions: dict[Any, Any] = {}
 
-    def __call__(self, which: str, tensor: Any) -> Any:
-        key = (which, tuple(tensor.shape.as_list()), tensor.dtype)
+    def __call__(self, name: str, fn: Callable[..., Any], *tensors: Any) -> Any:
+        key = (name, *((tuple(t.shape.as_list()), t.dtype) for t in tensors))
         function = self._functions.get(key)
         if function is None:
-            reducer = self._reducer
-            method = (
-                reducer.reduce_activation if which == "a" else reducer.reduce_gradient
-            )
             function = tf.function(
-                functools.partial(method),
+                functools.partial(fn),
                 autograph=False,
                 experimental_attributes=self._attributes,
             )
             self._functions[key] = function
-        return function(tensor)
+        return function(*tensors)
 
 
 class TensorFlowAdapter:
@@ -204,11 +202,7 @@ class TensorFlowAdapter:
             model, "run_eagerly", False
         )
 
-        share_functions = (
-            _ShareFunctions(config.reducer, jit)
-            if isinstance(config.reducer, ProbeReducer)
-            else None
-        )
+        shared = SharedReductions(jit)
 
         def step(x: Any, y: Any, sample_weight: Any, scale: Any, inputs: Any) -> Any:
             with xla_compatible(jit):
@@ -238,7 +232,11 @@ class TensorFlowAdapter:
             def reduce_in_backward(index: int, dy: Any) -> Any:
                 if not inside[0]:
                     return dy
-                parts = share_functions("g", to_float32(_dense(dy)))  # type: ignore[misc]
+                parts = shared(
+                    "g",
+                    reducer.reduce_gradient,  # type: ignore[attr-defined]
+                    to_float32(_dense(dy)),
+                )
                 reduced[tapped_differentiable[index].name] = parts
                 pending.append(tf.nest.flatten(parts))
                 lag = BACKWARD_LAG
@@ -263,7 +261,9 @@ class TensorFlowAdapter:
                     # does not need). Unused if a float16 tap makes the pass
                     # take the whole-pass path below (pruned from the graph).
                     with tape.stop_recording():
-                        forward_shares.append(share_functions("a", tensor))  # type: ignore[misc]
+                        forward_shares.append(
+                            shared("a", reducer.reduce_activation, tensor)  # type: ignore[attr-defined]
+                        )
                     output = _tap(tensor, functools.partial(reduce_in_backward, index))
                 else:
                     output = tf.identity(tensor)

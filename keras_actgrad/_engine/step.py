@@ -54,7 +54,7 @@ from keras_actgrad._engine.passes import (
     wrap_backward,
 )
 from keras_actgrad._layers import Site, remat_outside_taps, tapping_layers
-from keras_actgrad._statistics.moments import Moments
+from keras_actgrad._statistics.moments import Moments, in_xla
 from keras_actgrad._statistics.nonfinite import step_checks
 from keras_actgrad._statistics.statistics import STATISTICS, moments_for
 
@@ -176,6 +176,8 @@ class _Trace:
         self.step_scale: Any = None
         self._calls: dict[str, int] = {}
         self._probe_class = step_moments_class()
+        # Built inside the step's trace: `in_xla` says whether it is XLA's.
+        self._reductions = _backend().reductions(in_xla())
         self._replicas = replicas()
         # The activations of the taps no gradient has reached (yet): handles
         # kept only when an activation moment, histogram or spike record is
@@ -183,6 +185,9 @@ class _Trace:
         # backward pass is reduced in `payload` (as the probe pass reports
         # such a tap: activation statistics, NaN gradient statistics).
         self.forward: dict[str, Tensor] = {}
+        self._row_reads_activation = bool(
+            any(m.startswith("a_") for m in config.moments) or config.bins
+        )
         self._reads_activation = bool(
             any(m.startswith("a_") for m in config.moments)
             or config.bins
@@ -211,12 +216,40 @@ class _Trace:
             scale = self.scale()
             if scale is not None:
                 gradient = gradient / scale
-            probe_moments = self._probe_class(activation, gradient)
-            self.rows[key] = _row(probe_moments, self.config.moments, self.config.bins)
+            if self._row_reads_activation:
+                row = self._reductions("row", self._row, activation, gradient)
+            else:
+                # The gradient alone: a function that took the activation
+                # would read it (see `_row_of_gradient`).
+                row = self._reductions("row", self._row_of_gradient, gradient)
+            self.rows[key] = row
             if self.config.spike_bins:
                 self.stash[key] = (activation, gradient)
 
         return _backend().identity(tensor, on_gradient, on_forward)
+
+    def _row(self, activation: Tensor, gradient: Tensor) -> Tensor:
+        """One tap's row of the step's statistics (see `_row`)."""
+        probe = self._probe_class(activation, gradient)
+        return _row(probe, self.config.moments, self.config.bins)
+
+    def _row_of_gradient(self, gradient: Tensor) -> Tensor:
+        """`_row` of a row that reads no activation: of the gradient alone.
+
+        A TensorFlow function that takes the activation as an input reads
+        it, even unused (TensorFlow cannot prune a call kept out of line):
+        a BatchNormalization output read so is no longer merged by
+        Grappler into the residual Add after it, and training rounds
+        differently. The gradient stands in for the activation (same shape;
+        no activation moment is read).
+        """
+        probe = self._probe_class(gradient, gradient)
+        return _row(probe, self.config.moments, self.config.bins)
+
+    def _full_row(self, activation: Tensor, gradient: Tensor) -> Tensor:
+        """One tap's row of a spike's full record."""
+        probe = self._probe_class(activation, gradient)
+        return _row(probe, self.config.full_moments, self.config.spike_bins)
 
     # -- backward passes (a custom `train_step`)
 
@@ -425,14 +458,16 @@ class _Trace:
             rows = []
             for name in names:
                 a, g = self.stash[name]
-                make = _row if g is not None else _unreached_row
-                rows.append(
-                    make(
-                        self._probe_class(a, g),
-                        self.config.full_moments,
-                        self.config.spike_bins,
+                if g is None:
+                    rows.append(
+                        _unreached_row(
+                            self._probe_class(a, g),
+                            self.config.full_moments,
+                            self.config.spike_bins,
+                        )
                     )
-                )
+                else:
+                    rows.append(self._reductions("full", self._full_row, a, g))
             return ops.stack(rows) if rows else ops.zeros((0, size), "float32")
 
         def nothing() -> Tensor:
