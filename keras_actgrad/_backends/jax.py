@@ -34,6 +34,7 @@ import numpy as np
 from keras_actgrad._backends.base import (
     LossFn,
     PassConfig,
+    ProbeReducer,
     Tapped,
     TapRecorder,
     forward,
@@ -43,7 +44,7 @@ from keras_actgrad._backends.base import (
     to_float32,
 )
 from keras_actgrad._backends.processes_jax import replicated
-from keras_actgrad._statistics.moments import Moments
+from keras_actgrad._statistics.moments import Moments, assume_finite
 
 
 def _is_float(tensor: Any) -> bool:
@@ -127,6 +128,61 @@ def _distribute(data: Any) -> Any:
     return keras.tree.map_structure(shard, data)
 
 
+def _shares_by_shape(
+    share: Callable[[Any], list[Any]], tensors: dict[str, Any]
+) -> tuple[dict[str, list[Any]], list[Any]]:
+    """`share` of each tensor, and one sum a group to test finiteness.
+
+    The tensors of one shape and dtype are reduced together: stacked, and
+    `share` mapped over the stack (`lax.map`, a loop whose body XLA
+    compiles once), instead of one copy of the reductions per probe in the
+    compiled program. ResNet50's 107 probes make 20 groups (activations
+    and gradients); the first probe pass then compiles in about half the
+    time, warm events cost the same (`benchmarks/bench_coldstart.py`).
+    The stack holds a group's tensors together until its reductions run.
+    """
+    groups: dict[Any, list[str]] = {}
+    for name, tensor in tensors.items():
+        groups.setdefault((tuple(tensor.shape), str(tensor.dtype)), []).append(name)
+    shares: dict[str, list[Any]] = {}
+    sums = []
+    for names in groups.values():
+        if len(names) == 1:
+            tensor = tensors[names[0]]
+            shares[names[0]] = share(tensor)
+            sums.append(jnp.sum(tensor, dtype=jnp.float32))
+            continue
+        stacked = jnp.stack([tensors[name] for name in names])
+        mapped = jax.lax.map(share, stacked)
+        for index, name in enumerate(names):
+            shares[name] = [part[index] for part in mapped]
+        sums.append(jnp.sum(stacked, dtype=jnp.float32))
+    return shares, sums
+
+
+def _reduce_by_shape(
+    reducer: Any,
+    activations: dict[str, Any],
+    gradients: dict[str, Any],
+    weight_gradients: dict[str, Any],
+) -> tuple[Any, Any]:
+    """A `ProbeReducer`'s output (see `_shares_by_shape`) and whether it is finite.
+
+    The second value is False when a probe's activation or gradient holds
+    a NaN or an Inf (or so large a sum that it overflows): a pass built
+    under `assume_finite` must then be taken again without it.
+    """
+    a_shares, a_sums = _shares_by_shape(reducer.reduce_activation, activations)
+    present = {name: g for name, g in gradients.items() if g is not None}
+    g_shares, g_sums = _shares_by_shape(reducer.reduce_gradient, present)
+    for name in activations:
+        if name not in g_shares:
+            g_shares[name] = reducer.reduce_gradient(None)
+    sums = a_sums + g_sums
+    finite = jnp.isfinite(jnp.sum(jnp.stack(sums))) if sums else jnp.asarray(True)
+    return reducer.combine(a_shares, g_shares, weight_gradients), finite
+
+
 class JaxAdapter:
     """Builds the pass as one `jax.jit` function."""
 
@@ -180,6 +236,7 @@ class JaxAdapter:
             sample_weight: Any,
             scale: Any,
             inputs: Any,
+            exact: bool = False,
         ) -> Any:
             # 1. An abstract pass gives the probes' shapes (trace time only).
             record: list[tuple[str, Any, bool]] = []
@@ -272,18 +329,21 @@ class JaxAdapter:
                 )
             }
             # Several processes: every host reads the outputs of its own devices.
-            return replicated(
-                reduce(
-                    config.reducer,
-                    activations,
-                    gradients,
-                    weight_gradients,
-                    loss,
-                    inputs,
-                )
+            if isinstance(config.reducer, ProbeReducer) and inputs is None:
+                # The statistics for finite tensors (no branches), with a
+                # test of finiteness; `function` takes the exact pass when
+                # it fails.
+                with assume_finite(not exact):
+                    output, finite = _reduce_by_shape(
+                        config.reducer, activations, gradients, weight_gradients
+                    )
+                return replicated((output, finite))
+            output = reduce(
+                config.reducer, activations, gradients, weight_gradients, loss, inputs
             )
+            return replicated((output, None))
 
-        jitted = jax.jit(step)
+        jitted = jax.jit(step, static_argnames=("exact",))
 
         def function(x: Any, y: Any, sample_weight: Any, inputs: Any = None) -> Any:
             # Mid-`fit`, Keras's JAX trainer keeps the weights outside the
@@ -312,7 +372,12 @@ class JaxAdapter:
             # scopes inner ones: the new variables are initialized here, on
             # concrete values (TensorFlow does this with `tf.init_scope`).
             with keras.StatelessScope():
-                return jitted(*args)
+                output, finite = jitted(*args, exact=False)
+                if finite is not None and not bool(finite):
+                    # A NaN or Inf in a probe's tensors: the pass again,
+                    # with the exact statistics (compiled on first use).
+                    output, _ = jitted(*args, exact=True)
+            return output
 
         return function
 

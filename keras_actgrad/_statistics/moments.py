@@ -46,6 +46,30 @@ def in_xla() -> bool:
     return _XLA.get()
 
 
+# Set while a pass is traced for finite tensors only (see `assume_finite`).
+_FINITE = contextvars.ContextVar("keras_actgrad_finite", default=False)
+
+
+@contextlib.contextmanager
+def assume_finite(enabled: bool = True) -> Iterator[None]:
+    """Builds, in the block, moments for finite tensors only: no branch.
+
+    The moments' branches on finiteness (the exact path for NaN and Inf)
+    are left out; a pass built so must test its tensors' finiteness
+    itself and take an exact pass when one is not (the JAX adapter does).
+    """
+    token = _FINITE.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _FINITE.reset(token)
+
+
+def finite_assumed() -> bool:
+    """Whether the moments are being built for finite tensors only."""
+    return _FINITE.get()
+
+
 def float32(x: Tensor) -> Tensor:
     return keras.ops.cast(x, "float32")
 
@@ -136,6 +160,8 @@ class Moments:
         # NaN if any entry is NaN, as NumPy's `max` (XLA's max may skip NaN).
         ops = keras.ops
         largest = ops.max(self._abs_g())
+        if finite_assumed():
+            return largest
         return ops.cond(
             self.grad_finite(),
             lambda: largest,
@@ -155,6 +181,8 @@ class Moments:
     def g_nonfinite(self) -> Tensor:
         ops = keras.ops
         g = self.g
+        if finite_assumed():
+            return ops.zeros((), "float32")
         return ops.cond(
             self.grad_finite(),
             lambda: ops.zeros((), "float32"),
@@ -341,6 +369,8 @@ def histogram(
     """
     ops = keras.ops
     flat = ops.reshape(float32(x), (-1,))
+    if bounds is None and finite_assumed():
+        return _finite_histogram(flat, bins)
     if finite is None:
         finite = ops.isfinite(ops.sum(flat))
     if bounds is not None:
