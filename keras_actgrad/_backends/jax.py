@@ -18,6 +18,13 @@ an input the output does not depend on; to report `None` where a probe (or a
 weight) is not connected to the loss, as TensorFlow does, the backward pass
 is traced once into a jaxpr with the output cotangent as an input, and a
 gradient that does not depend on that cotangent is structurally zero.
+
+Statistics: the probes of one shape and dtype are reduced together, one
+`lax.map` over their stack, so XLA compiles each reduction once per shape
+rather than once per probe; and they are built for finite tensors, without
+the moments' branches for NaN and Inf, next to one test of finiteness. When
+that test fails, the pass is taken again with the exact statistics (a second
+program, compiled the first time a probe sees a NaN or an Inf).
 """
 
 from __future__ import annotations
