@@ -4,8 +4,7 @@ TensorFlow counts a `tf.function`'s tracings per Python code object and
 warns after five in a row ("creating @tf.function repeatedly in a loop").
 Each compiled probe pass and monitored step is traced once per signature,
 so a notebook or a sweep that probes several models or losses must not see
-that warning about our functions. Inside one pass, the probes' statistics
-are traced once per probe shape, not once per probe.
+that warning about our functions.
 """
 
 from __future__ import annotations
@@ -71,58 +70,3 @@ def test_many_models_and_losses_do_not_warn_of_retracing():
         logger.removeHandler(handler)
     retracing = [m for m in handler.messages if "retracing" in m]
     assert retracing == []
-
-
-def test_probes_of_one_shape_share_one_traced_reduction(monkeypatch):
-    # The first probe pass traces each probe share (an activation's or a
-    # gradient's statistics and histogram) once per signature, not once per
-    # probe: six probes of one shape, one trace of each share. Each probe
-    # still gets its own values (against the tensors `activation_gradients`
-    # returns, reduced by NumPy).
-    from keras_actgrad._statistics.statistics import StatisticsReducer
-
-    traces = {"a": 0, "g": 0}
-    reduce_activation = StatisticsReducer.reduce_activation
-    reduce_gradient = StatisticsReducer.reduce_gradient
-
-    def count_activation(self, activation):
-        traces["a"] += 1
-        return reduce_activation(self, activation)
-
-    def count_gradient(self, gradient):
-        if gradient is not None:
-            traces["g"] += 1
-        return reduce_gradient(self, gradient)
-
-    monkeypatch.setattr(StatisticsReducer, "reduce_activation", count_activation)
-    monkeypatch.setattr(StatisticsReducer, "reduce_gradient", count_gradient)
-    keras.utils.set_random_seed(0)
-    layers = [keras.Input((8,))]
-    for index in range(6):
-        layers.append(keras.layers.Dense(8, activation="tanh"))
-        layers.append(GradientProbe(name=f"p{index}"))
-    layers.append(keras.layers.Dense(1))
-    model = keras.Sequential(layers)
-    model.compile(loss="mse", optimizer="sgd")
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(16, 8)).astype("float32")
-    y = rng.normal(size=(16, 1)).astype("float32")
-    callback = ActivationGradientCallback(
-        (x, y), log_statistics=["grad_norm", "act_mean"]
-    )
-    callback.set_model(model)
-    callback.on_train_begin()
-    assert traces == {"a": 1, "g": 1}
-    callback.on_epoch_end(0, {})
-    results = activation_gradients(model, x, y)
-    for index in range(6):
-        result = results[f"p{index}"]
-        gradient = np.asarray(result.gradient, np.float64)
-        activation = np.asarray(result.activation, np.float64)
-        assert callback.history[f"actgrad/p{index}/grad_norm"][-1] == pytest.approx(
-            np.sqrt(np.sum(gradient**2)), rel=1e-5
-        )
-        assert callback.history[f"actgrad/p{index}/act_mean"][-1] == pytest.approx(
-            np.mean(activation), rel=1e-5, abs=1e-7
-        )
-    assert traces == {"a": 1, "g": 1}
