@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import keras
 
-from keras_actgrad._backends.processes_jax import unsupported
 from keras_actgrad._backends.base import OneProgram
+from keras_actgrad._backends.processes_jax import unsupported
 
 
 class JaxReplicas(OneProgram):
