@@ -39,6 +39,8 @@ from typing import Any, TypeAlias
 
 import keras
 
+from keras_actgrad._context import tapping
+
 Layers: TypeAlias = (
     str
     | type
@@ -433,3 +435,20 @@ def mlp_layers(model: keras.Model) -> list[keras.layers.Layer]:
         named = [c for c in children if "mlp" in c.name]
         found.extend(named or [c for c in children if isinstance(c, dense)])
     return found
+
+
+@contextlib.contextmanager
+def taps_in(model: keras.Model, sites: Sequence[Site], tap: Any) -> Iterator[None]:
+    """Routes the taps of a pass or step through `tap` in the block.
+
+    The model's `GradientProbe`s, or, if `sites` are given, the outputs of
+    those layers (`tapping_layers`), with rematerialized calls kept outside
+    the taps (`remat_outside_taps`).
+    """
+    with remat_outside_taps(model, sites):
+        if sites:
+            with tapping_layers(sites, tap):
+                yield
+        else:
+            with tapping(tap):
+                yield

@@ -18,13 +18,7 @@ from typing import Any, Protocol, TypeAlias, runtime_checkable
 import keras
 import numpy as np
 
-from keras_actgrad._context import tapping
-from keras_actgrad._layers import (
-    Site,
-    remat_outside_taps,
-    selection_key,
-    tapping_layers,
-)
+from keras_actgrad._layers import Site, selection_key, taps_in
 from keras_actgrad._statistics.moments import Moments
 from keras_actgrad._training_loss import TrainingLoss
 
@@ -237,12 +231,8 @@ def forward(
             return loss(model, x)
         return model(x, training=training)
 
-    with remat_outside_taps(model, sites):
-        if not sites:
-            with tapping(tap):
-                return run()
-        with tapping_layers(sites, tap):
-            return run()
+    with taps_in(model, sites, tap):
+        return run()
 
 
 # Mixed precision: the loss scale of a pass with float16 taps.

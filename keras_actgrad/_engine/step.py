@@ -42,7 +42,6 @@ from keras_actgrad._backends import (
     step_moments_class,
 )
 from keras_actgrad._backends.base import StepHooks
-from keras_actgrad._context import tapping
 from keras_actgrad._engine.passes import (
     NO_TAP_CROSSED,
     Pass,
@@ -53,7 +52,7 @@ from keras_actgrad._engine.passes import (
     order_of,
     wrap_backward,
 )
-from keras_actgrad._layers import Site, remat_outside_taps, tapping_layers
+from keras_actgrad._layers import Site, taps_in
 from keras_actgrad._statistics.moments import Moments, in_xla
 from keras_actgrad._statistics.nonfinite import step_checks
 from keras_actgrad._statistics.statistics import STATISTICS, moments_for
@@ -741,13 +740,8 @@ class MonitoredStep:
             )
             tapped_model = True
         try:
-            with remat_outside_taps(model, self.sites):
-                if self.sites:
-                    with tapping_layers(self.sites, trace.tap):
-                        yield
-                else:
-                    with tapping(trace.tap):
-                        yield
+            with taps_in(model, self.sites, trace.tap):
+                yield
         finally:
             for name in patched:
                 optimizer.__dict__.pop(name, None)
@@ -778,13 +772,8 @@ class MonitoredStep:
                 name = "stateless_apply" if backend.stateless else "apply"
                 function = observer(trace, label, optimizer, observe, self._scale)
                 object.__setattr__(optimizer, name, function)
-            with remat_outside_taps(self.model, self.sites):
-                if self.sites:
-                    with tapping_layers(self.sites, trace.tap):
-                        yield
-                else:
-                    with tapping(trace.tap):
-                        yield
+            with taps_in(self.model, self.sites, trace.tap):
+                yield
         finally:
             for _, optimizer in optimizers:
                 optimizer.__dict__.pop("apply", None)
