@@ -155,7 +155,7 @@ class SharedReductions:
     first run. Probes of the same shape share one function instead, traced
     once: `reductions(name, fn, *tensors)` is `fn(*tensors)`, through the
     function of `(name, the tensors' shapes and dtypes)`; ResNet50's 107
-    probes have 20 share signatures (activation and gradient). Each
+    probes have 10 shapes, 20 share signatures (activation and gradient). Each
     function is kept out of line (`_noinline`): TensorFlow optimizes and
     instantiates its small graph once, and the trace calls it (a call per
     probe; the shares of different probes still run side by side). Under
