@@ -235,11 +235,11 @@ class _Trace:
     def _row_of_gradient(self, gradient: Tensor) -> Tensor:
         """`_row` of a row that reads no activation: of the gradient alone.
 
-        A TensorFlow function that takes the activation as an input reads
-        it, even unused (TensorFlow cannot prune a call kept out of line):
-        a BatchNormalization output read so is no longer merged by
+        A TensorFlow function kept out of line that takes the activation
+        reads it (the moments cast it; Grappler cannot prune inside the
+        call): a BatchNormalization output read so is no longer merged by
         Grappler into the residual Add after it, and training rounds
-        differently. The gradient stands in for the activation (same shape;
+        differently (`test_monitor_conv.py`). The gradient stands in for the activation (same shape;
         no activation moment is read).
         """
         probe = self._probe_class(gradient, gradient)
