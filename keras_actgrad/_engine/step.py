@@ -239,8 +239,8 @@ class _Trace:
         reads it (the moments cast it; Grappler cannot prune inside the
         call): a BatchNormalization output read so is no longer merged by
         Grappler into the residual Add after it, and training rounds
-        differently (`test_monitor_conv.py`). The gradient stands in for the activation (same shape;
-        no activation moment is read).
+        differently (`test_monitor_conv.py`). The gradient stands in for
+        the activation (same shape; no activation moment is read).
         """
         probe = self._probe_class(gradient, gradient)
         return _row(probe, self.config.moments, self.config.bins)
