@@ -24,7 +24,11 @@ from keras_actgrad._arguments import (
     writes_summaries,
 )
 from keras_actgrad._backends import processes
-from keras_actgrad._backends.base import LossSpec, PassConfig
+from keras_actgrad._backends.base import (
+    LossSpec,
+    PassConfig,
+    build_optimizer_before_tracing,
+)
 from keras_actgrad._engine import Batch, ProbeEngine, get_engine
 from keras_actgrad._engine.chunked import reduce_chunks
 from keras_actgrad._engine.distribution import check_processes
@@ -312,6 +316,8 @@ class ActivationGradientCallback(keras.callbacks.Callback):
         self._engine = get_engine(self.model)
         self._step = global_step(self.model)
         self._epoch_start_step = self._step
+        # Keras's first step then traced once, not twice.
+        build_optimizer_before_tracing(self.model)
         # The checks: one probe pass before the first batch (once per model;
         # a later `fit` reuses the checked batch and the compiled pass).
         reduced = None

@@ -22,6 +22,7 @@ from keras_actgrad._arguments import (
     writes_summaries,
 )
 from keras_actgrad._backends import processes, step_hooks
+from keras_actgrad._backends.base import build_optimizer_before_tracing
 from keras_actgrad._engine.distribution import check_distribution
 from keras_actgrad._engine.step import Layout, MonitoredStep, StepConfig
 from keras_actgrad._events import to_columns
@@ -280,6 +281,8 @@ class GradientMonitor(keras.callbacks.Callback):
         self._fit_model = model
         _check_not_nnx(model)
         _check_model(model, probes=not sites)
+        # The first step (the monitored one and Keras's) traced once.
+        build_optimizer_before_tracing(model)
         if self._steps_model is not model or self._sites != sites:
             self._steps = {}
             self._plain_step = None
