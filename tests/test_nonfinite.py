@@ -341,3 +341,53 @@ def test_callback_weight_gradients():
     assert len(messages) == 1 and broken
     assert messages[0].startswith("Non-finite weights (NaN or Inf) at epoch 0")
     assert f"variable '{broken[0]}'" in messages[0]
+
+
+@pytest.mark.parametrize("with_squares", [False, True])
+def test_step_checks_flag_each_tensor_as_numpy_does(with_squares):
+    # Tensors of repeated and distinct shapes (tested by shape group), a
+    # variable without a gradient, NaN and Inf in some, and a finite
+    # gradient whose squared norm overflows float32 (not flagged).
+    from keras_actgrad._statistics.nonfinite import step_checks
+
+    rng = np.random.default_rng(0)
+    shapes = [(3, 4), (5,), (3, 4), (), (3, 4), (5,), (2, 0), (7, 2)]
+    grads = [rng.normal(size=s).astype("float32") for s in shapes]
+    new = [rng.normal(size=s).astype("float32") for s in shapes]
+    grads[2][1, 1] = np.nan
+    grads[5][0] = np.inf
+    grads[7][:] = 1e30  # finite; its sum of squares overflows
+    new[0][2, 3] = -np.inf
+    new[3] = np.float32(np.nan)
+    new[4][0, 0] = np.nan
+    grads[1] = None
+    expected = np.array(
+        [
+            [0.0 if g is None else float(not np.all(np.isfinite(g))) for g in grads],
+            [float(not np.all(np.isfinite(v))) for v in new],
+        ],
+        np.float32,
+    )
+    squares = None
+    if with_squares:
+        with np.errstate(over="ignore", invalid="ignore"):
+            squares = np.array(
+                [
+                    [np.nan if g is None else np.sum(g**2) for g in grads],
+                    [np.sum((v - v) ** 2) for v in new],
+                    [np.sum(v**2) for v in new],
+                ],
+                np.float32,
+            )
+        squares = keras.ops.convert_to_tensor(squares)
+    tensors = [None if g is None else keras.ops.convert_to_tensor(g) for g in grads]
+    flags = step_checks(tensors, [keras.ops.convert_to_tensor(v) for v in new], squares)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(flags), expected)
+    # All finite: nothing flagged.
+    clean = [None] + [
+        keras.ops.convert_to_tensor(np.ones(s, "float32")) for s in shapes[1:]
+    ]
+    flags = step_checks(
+        clean, [keras.ops.convert_to_tensor(np.ones(s, "float32")) for s in shapes]
+    )
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(flags), np.zeros((2, 8)))
