@@ -89,7 +89,17 @@ def _plain_weights(epochs: int) -> list[np.ndarray]:
     return [np.asarray(w) for w in model.get_weights()]
 
 
-def test_the_monitored_step_is_traced_once_and_trains_the_same():
+@pytest.mark.parametrize(
+    "callback, traced",
+    [
+        # The monitored step once.
+        (lambda x, y: GradientMonitor(statistics=None), [True]),
+        # The probe pass (training=False) once, Keras's step once.
+        (lambda x, y: ActivationGradientCallback((x[:8], y[:8])), [False, True]),
+    ],
+    ids=["monitor", "callback"],
+)
+def test_the_step_is_traced_once_and_trains_the_same(callback, traced):
     model, counter = _model()
     builds = _record_builds(model.optimizer)
     x, y = _data()
@@ -100,30 +110,10 @@ def test_the_monitored_step_is_traced_once_and_trains_the_same():
         epochs=2,
         verbose=0,
         shuffle=False,
-        callbacks=[GradientMonitor(statistics=None)],
+        callbacks=[callback(x, y)],
     )
     assert builds == [False]
-    assert counter.traced == [True]
-    for got, expected in zip(model.get_weights(), _plain_weights(2), strict=True):
-        np.testing.assert_array_equal(got, expected)
-
-
-def test_keras_step_is_traced_once_next_to_the_callback():
-    model, counter = _model()
-    builds = _record_builds(model.optimizer)
-    x, y = _data()
-    model.fit(
-        x,
-        y,
-        batch_size=8,
-        epochs=2,
-        verbose=0,
-        shuffle=False,
-        callbacks=[ActivationGradientCallback((x[:8], y[:8]))],
-    )
-    assert builds == [False]
-    # The probe pass (training=False) once, Keras's step once.
-    assert counter.traced == [False, True]
+    assert counter.traced == traced
     for got, expected in zip(model.get_weights(), _plain_weights(2), strict=True):
         np.testing.assert_array_equal(got, expected)
 
