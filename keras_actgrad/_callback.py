@@ -23,12 +23,8 @@ from keras_actgrad._arguments import (
     is_positive_int,
     writes_summaries,
 )
-from keras_actgrad._backends import processes
-from keras_actgrad._backends.base import (
-    LossSpec,
-    PassConfig,
-    build_optimizer_before_tracing,
-)
+from keras_actgrad._backends import build_optimizer_before_tracing, processes
+from keras_actgrad._backends.base import LossSpec, PassConfig
 from keras_actgrad._engine import Batch, ProbeEngine, get_engine
 from keras_actgrad._engine.chunked import reduce_chunks
 from keras_actgrad._engine.distribution import check_processes

@@ -21,8 +21,11 @@ from keras_actgrad._arguments import (
     is_positive_int,
     writes_summaries,
 )
-from keras_actgrad._backends import processes, step_hooks
-from keras_actgrad._backends.base import build_optimizer_before_tracing
+from keras_actgrad._backends import (
+    build_optimizer_before_tracing,
+    processes,
+    step_hooks,
+)
 from keras_actgrad._engine.distribution import check_distribution
 from keras_actgrad._engine.step import Layout, MonitoredStep, StepConfig
 from keras_actgrad._events import to_columns

@@ -153,7 +153,7 @@ class TwoLayers(keras.Model):
 
 
 def test_a_model_with_unbuilt_layers_leaves_the_optimizer_to_keras():
-    from keras_actgrad._backends.base import build_optimizer_before_tracing
+    from keras_actgrad._backends import build_optimizer_before_tracing
 
     model = TwoLayers()
     model.compile(optimizer="adam", loss="mse")

@@ -105,3 +105,16 @@ def processes() -> type[Processes]:
 
         return JaxProcesses
     return OneProcess
+
+
+def build_optimizer_before_tracing(model: keras.Model) -> None:
+    """Before `fit`'s first step: the optimizer built where that saves a trace.
+
+    TensorFlow only (see `tensorflow.build_optimizer_before_tracing`):
+    Keras's JAX trainer builds the optimizer before tracing, and the torch
+    step is not traced.
+    """
+    if keras.backend.backend() == "tensorflow":
+        from keras_actgrad._backends import tensorflow
+
+        tensorflow.build_optimizer_before_tracing(model)

@@ -536,33 +536,3 @@ def keras_train_function(
             model.steps_per_execution = steps
 
     return one_step
-
-
-def build_optimizer_before_tracing(model: keras.Model) -> None:
-    """Build the model's optimizer now, as Keras does under a strategy.
-
-    Keras's TensorFlow trainer builds the optimizer inside the first trace
-    of its train function when no `tf.distribute` strategy is set. The
-    optimizer's slot variables are then created while tracing, and
-    `tf.function` traces the whole step a second time. Built before the
-    first step, the step is traced once. That halves the first `fit`'s
-    tracing: ResNet50, 2 epochs of 2 steps, 26.4 s to 11.4 s without
-    keras-actgrad (see `benchmarks/bench_coldstart.py`). The variables are
-    the ones the first trace would create, with the same initial values,
-    so training is unchanged.
-
-    Only for Keras's own `train_step` on a model whose layers are all
-    built. A custom `train_step` may use other optimizers. A layer built
-    on its first call may still add trainable variables, which the
-    optimizer would then not know.
-    """
-    optimizer = getattr(model, "optimizer", None)
-    if (
-        keras.backend.backend() != "tensorflow"
-        or optimizer is None
-        or optimizer.built
-        or type(model).train_step is not keras.Model.train_step
-        or not all(layer.built for layer in model._flatten_layers())
-    ):
-        return
-    optimizer.build(model.trainable_variables)

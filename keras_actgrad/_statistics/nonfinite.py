@@ -35,10 +35,10 @@ def _not_finite_each(tensors: Sequence[Tensor]) -> Tensor:
 
     The tensors of one shape and dtype are stacked and tested together: a
     model's weights come in few shapes (ResNet50's 214 in 28), and each
-    test is a reduction the compiler builds and optimizes, so one a group
-    instead of one a tensor makes the step's first trace and compilation
-    shorter. The stacks are copies, made only in the branch taken when a
-    step is not finite.
+    test is a reduction to trace (and compile), so one a group instead of
+    one a tensor makes the monitored step's first trace shorter
+    (TensorFlow ResNet50: about 1 s of the first `fit`). The stacks are
+    copies, made only in the branch taken when a step is not finite.
     """
     ops = keras.ops
     groups: dict[tuple[Any, ...], list[int]] = {}
@@ -48,16 +48,11 @@ def _not_finite_each(tensors: Sequence[Tensor]) -> Tensor:
     parts, order = [], []
     for (shape, _), indices in groups.items():
         size = int(np.prod(shape, dtype=np.int64))
-        if size == 0:
-            parts.append(ops.zeros((len(indices),), "float32"))
-        else:
-            stacked = ops.stack([tensors[i] for i in indices])
-            if not shape:
-                finite = ops.isfinite(stacked)
-            else:
-                axes = tuple(range(1, len(shape) + 1))
-                finite = ops.all(ops.isfinite(stacked), axis=axes)
-            parts.append(ops.cast(ops.logical_not(finite), "float32"))
+        stacked = ops.stack([tensors[i] for i in indices])
+        # Rows of the flattened tensors (an empty row is finite).
+        rows = ops.reshape(stacked, (len(indices), size))
+        finite = ops.all(ops.isfinite(rows), axis=1)
+        parts.append(ops.cast(ops.logical_not(finite), "float32"))
         order += indices
     flags = parts[0] if len(parts) == 1 else ops.concatenate(parts)
     if order == sorted(order):
